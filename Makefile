@@ -1,0 +1,35 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Both create (or reuse) .venv and install what they need; torch's CPU wheel is pinned first so
+# that `higher` (which asks for an unversioned torch) cannot pull a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+DATA_DIR ?= $(abspath ../shared/data)
+export RAY_USAGE_STATS_ENABLED := 0
+export EDGEMETA_DATA_DIR ?= $(DATA_DIR)
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgemeta demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

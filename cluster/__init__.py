@@ -1,0 +1,1 @@
+"""Cluster shapes: the topology (cloud + edge sites), a local multi-node launcher, connect helpers."""

@@ -1,0 +1,119 @@
+"""The topology: one cloud and its edge sites, the resources each declares, and how slow each is.
+
+A site is a Ray node that advertises the custom resource ``edge:<site>`` in a large quantity
+(``SITE_RESOURCE_QUANTITY``); an edge actor asks for a small fraction of it
+(``ACTOR_RESOURCE_REQUEST``), so the actor lands on that node and only there, and a site can
+host more than one actor (an edge actor and a serving replica, say). The cloud node advertises
+``cloud``. The same file drives the embedded cluster, the local multi-node launcher, and the
+shape of ``cluster.yaml``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SITE_RESOURCE_QUANTITY = 1000.0
+ACTOR_RESOURCE_REQUEST = 1.0
+CLOUD_RESOURCE = "cloud"
+
+
+def site_resource(site: str) -> str:
+    """The custom resource that pins work to ``site``."""
+    return f"edge:{site}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSpec(_Section):
+    num_cpus: float = Field(1, gt=0)
+    memory_gb: float = Field(1.5, gt=0, description="Ray's --memory for the node")
+    object_store_gb: float = Field(0.3, gt=0, description="--object-store-memory")
+
+
+class SiteSpec(NodeSpec):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    devices: int = Field(1, ge=1, description="virtual clients (devices) simulated by the site")
+    delay_s: float = Field(0.0, ge=0, description="injected extra compute time per round")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs the site's edge actor asks for")
+
+
+class Topology(_Section):
+    """A cloud node and at least one edge site with distinct names."""
+
+    cloud: NodeSpec = NodeSpec(num_cpus=1, memory_gb=2.0, object_store_gb=0.5)
+    sites: list[SiteSpec]
+    head_port: int = Field(6379, ge=1024, le=65535)
+    dashboard_port: int = Field(8265, ge=1024, le=65535)
+
+    @model_validator(mode="after")
+    def _check(self) -> Topology:
+        if not self.sites:
+            raise ValueError("a topology needs at least one site")
+        names = [s.name for s in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be distinct; repeated: {dupes}")
+        for s in self.sites:
+            if s.actor_cpus > s.num_cpus:
+                raise ValueError(f"site {s.name}: actor_cpus {s.actor_cpus} exceeds the node's "
+                                 f"num_cpus {s.num_cpus}")
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}; sites: {self.site_names}")
+
+    def embedded_resources(self) -> dict[str, float]:
+        """Custom resources for an embedded ``ray.init``: every site on the one local node."""
+        res = {CLOUD_RESOURCE: SITE_RESOURCE_QUANTITY}
+        res.update({site_resource(s.name): SITE_RESOURCE_QUANTITY for s in self.sites})
+        return res
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used, with a message that says where and why."""
+
+
+def parse_topology(raw: Any, source: str = "<dict>") -> Topology:
+    if not isinstance(raw, dict):
+        raise TopologyError(f"invalid topology {source}: expected a mapping at the top level")
+    try:
+        return Topology.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"invalid topology {source}:"]
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: "
+                         f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+        raise TopologyError("\n".join(lines)) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    if not path.exists():
+        raise TopologyError(f"topology file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise TopologyError(f"topology {path} is not valid YAML: {err}") from None
+    return parse_topology(raw, str(path))
+
+
+def uniform_topology(sites: int, **site_kwargs: Any) -> Topology:
+    """``sites`` identical sites named ``site-0`` ... (for tests and quick starts)."""
+    if not re.fullmatch(r"\d+", str(sites)) or int(sites) < 1:
+        raise TopologyError(f"sites must be a positive integer, got {sites!r}")
+    return Topology(sites=[SiteSpec(name=f"site-{i}", **site_kwargs) for i in range(int(sites))])

@@ -1,0 +1,160 @@
+"""Experiment configs: YAML in, a validated and fully resolved object out.
+
+Every section forbids unknown keys, so a typo (``inner_lr`` spelt ``inner_rl``) is an error that
+names the key and its place, not a silently ignored default. The resolved config (defaults
+filled in) is written into each run folder, so a run can be re-evaluated or served from it alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Which tasks: Omniglot N-way K-shot episodes, or sinusoid regression."""
+
+    dataset: Literal["omniglot", "sinusoid"] = "omniglot"
+    path: str | None = Field(None, description="omniglot.npz file or folder; default: search")
+    ways: int = Field(5, ge=1)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+    rotations: bool = True
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.dataset == "omniglot" and self.shots + self.queries > 20:
+            raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the 20 "
+                             "drawings of an Omniglot character")
+        for name in ("amplitude", "phase", "x_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: low {lo} is above high {hi}")
+        return self
+
+
+class ModelConfig(_Section):
+    name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"
+    channels: int = Field(64, ge=1)
+    pooling: Literal["stride", "max"] = "stride"
+    hidden: int = Field(40, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet"] = "maml"
+    inner_lr: float = Field(0.4, gt=0)
+    inner_steps: int = Field(1, ge=0)
+    test_steps: int | None = Field(None, ge=0, description="default: inner_steps")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="algorithm-specific, e.g. {impl: func}")
+
+
+class TrainConfig(_Section):
+    meta_batch: int = Field(32, ge=1)
+    steps: int = Field(1000, ge=0)
+    outer_lr: float = Field(1e-3, gt=0)
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    time_budget_s: float | None = Field(None, gt=0, description="stop early after this long")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: only at the end")
+    eval_episodes: int = Field(100, ge=1, description="episodes of each intermediate evaluation")
+
+
+class EvalConfig(_Section):
+    episodes: int = Field(600, ge=1)
+    steps: int | None = Field(None, ge=0, description="adaptation steps; default test_steps")
+    steps_list: list[int] = Field(default_factory=lambda: [0, 1, 5, 10],
+                                  description="sinusoid: MSE after each number of steps")
+    batch: int = Field(32, ge=1)
+    seed: int = 1234
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        want = "sinusoid_mlp" if self.data.dataset == "sinusoid" else "omniglot_conv"
+        if self.model.name != want:
+            raise ValueError(f"model {self.model.name!r} does not fit dataset "
+                             f"{self.data.dataset!r}; use {want!r}")
+        if self.data.dataset == "sinusoid" and self.algorithm.name == "protonet":
+            raise ValueError("protonet is a classifier; it cannot learn sinusoid regression")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used, with a message that says where and why."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``section.key=value`` overrides, and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides or []), str(path))

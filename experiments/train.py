@@ -1,0 +1,126 @@
+"""Centralized meta-training: the single-process reference that federated runs are held against.
+
+Read top to bottom, it is the whole algorithm: sample a batch of tasks, ask the algorithm for the
+meta-gradient, let the outer optimizer apply it, log, checkpoint, and evaluate on meta-test
+characters that training never sees. Re-running the same config resumes from the latest
+checkpoint of its run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.config import ExperimentConfig
+from experiments.runlog import RunLog
+from metalearn.algorithms.base import MetaAlgorithm
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.evaluation import evaluate, evaluate_by_steps
+from metalearn.outer import OuterOptimizer
+from metalearn.params import Params
+from metalearn.spec import algorithm_from_spec, sampler_from_spec
+
+Printer = Callable[[str], None]
+
+
+def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
+              episodes: int) -> dict[str, Any]:
+    """Meta-test result on held-out tasks: accuracy ± ci95, or MSE by adaptation steps."""
+    data = cfg.to_dict()["data"]
+    sampler = sampler_from_spec(data, "test", seed=cfg.eval.seed)
+    if cfg.data.dataset == "sinusoid":
+        by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
+                                     steps_list=cfg.eval.steps_list, batch=cfg.eval.batch)
+        return {"mse": {str(k): v["mse"] for k, v in by_steps.items()},
+                "ci95": {str(k): v["ci95"] for k, v in by_steps.items()},
+                "episodes": episodes}
+    return evaluate(algorithm, params, sampler.sample, episodes, steps=cfg.eval.steps,
+                    batch=cfg.eval.batch)
+
+
+def _headline(result: dict[str, Any]) -> str:
+    if "accuracy" in result:
+        return f"accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}"
+    return "mse " + ", ".join(f"{k} steps: {v:.3f}" for k, v in result["mse"].items())
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) -> dict[str, Any]:
+    """Train centrally as configured, write the run folder, and return the summary."""
+    run_dir = cfg.run_dir
+    spec = cfg.to_dict()
+    log = RunLog(run_dir)
+    log.write_config(spec)
+
+    torch.manual_seed(cfg.seed)
+    algorithm = algorithm_from_spec(spec)
+    outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr,
+                           kind=cfg.train.outer_optimizer)
+    sampler = sampler_from_spec(spec["data"], "train", seed=cfg.seed)
+    step, elapsed = 0, 0.0
+    if resume and (run_dir / "checkpoints" / "latest").exists():
+        state = load_checkpoint(run_dir)
+        outer.load_state_dict(state["outer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        log.truncate_to(step)
+        echo(f"resuming {run_dir} from step {step}")
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, step, {"outer": outer.state_dict(), "params": outer.params,
+                                        "sampler": sampler.state_dict(),
+                                        "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
+        log.flush()
+
+    echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} "
+         f"({cfg.data.ways}-way {cfg.data.shots}-shot) for {cfg.train.steps} steps -> {run_dir}")
+    budget = cfg.train.time_budget_s
+    while step < cfg.train.steps and (budget is None or elapsed < budget):
+        t0 = time.perf_counter()
+        tasks = sampler.sample(cfg.train.meta_batch)
+        update = algorithm.meta_update(outer.params, tasks)
+        outer.step(update.tensors, update.kind)
+        step += 1
+        elapsed += time.perf_counter() - t0
+        row: dict[str, Any] = {"step": step, "time_s": elapsed, "tasks": step * len(tasks),
+                               **update.metrics}
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            result = meta_test(cfg, algorithm, outer.params, cfg.train.eval_episodes)
+            row.update({f"test_{k}": v for k, v in result.items()
+                        if isinstance(v, float)})
+            echo(f"  step {step}: meta-test {_headline(result)}")
+        log.append(row)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = " ".join(f"{k} {v:.3f}" for k, v in update.metrics.items())
+            echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
+        if step % cfg.train.checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+
+    echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
+    result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes)
+    summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
+               "train_steps": step, "train_time_s": round(elapsed, 2),
+               "train_tasks": step * cfg.train.meta_batch}
+    log.write_summary(summary)
+    echo(f"{cfg.name}: {_headline(result)} after {step} steps ({elapsed:.0f} s)")
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
+                 echo: Printer = print) -> dict[str, Any]:
+    """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks."""
+    from experiments.config import parse_config
+    from experiments.runlog import read_run_config
+
+    cfg = parse_config(read_run_config(run_dir), str(run_dir))
+    algorithm = algorithm_from_spec(cfg.to_dict())
+    state = load_checkpoint(run_dir, step)
+    result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
+    result["step"] = int(state["step"])
+    echo(f"{run_dir} @ step {result['step']}: {_headline(result)}")
+    return result

@@ -1,0 +1,115 @@
+"""One interface for every meta-learning algorithm, so the driver, edge actors and serving
+replicas can call any of them without knowing which one it is.
+
+An algorithm holds an architecture (an ``nn.Module`` used as a function) and hyperparameters;
+parameters flow in and out as ``dict[str, Tensor]`` (see :mod:`metalearn.params`).
+
+* :meth:`MetaAlgorithm.meta_gradient` — the gradient of the mean post-adaptation query loss over
+  a batch of tasks with respect to the meta-parameters (the outer optimizer applies it).
+* :meth:`MetaAlgorithm.adapt` — adapted state for one support set (fast weights, prototypes, ...).
+* :meth:`MetaAlgorithm.predict` — outputs (logits or regression values) of an adapted state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalearn.params import Params, module_params
+from metalearn.tasks import TaskBatch
+
+TaskType = Literal["classification", "regression"]
+
+
+@dataclass
+class MetaUpdate:
+    """What an edge returns to the cloud: an update, how many tasks it stands for, and metrics.
+
+    ``kind == "gradient"``: a meta-gradient, to be applied by the cloud's outer optimizer.
+    ``kind == "delta"``: ``new_params - old_params`` after several local meta-steps.
+    """
+
+    kind: Literal["gradient", "delta"]
+    tensors: Params
+    num_tasks: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def task_loss(task_type: TaskType, outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if task_type == "classification":
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs, targets)
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs.argmax(dim=-1) == targets).float().mean()
+
+
+class MetaAlgorithm(ABC):
+    """Base class: hyperparameters shared by the gradient-based learners, and the defaults.
+
+    Args:
+        model: the architecture; its own parameters are scratch space, never the source of truth.
+        task_type: ``"classification"`` or ``"regression"`` (chooses the loss).
+        inner_lr: step size of the inner (adaptation) SGD steps.
+        inner_steps: inner steps during meta-training.
+        test_steps: inner steps at adaptation / test time (the paper uses more than in training).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, task_type: TaskType = "classification",
+                 inner_lr: float = 0.4, inner_steps: int = 1, test_steps: int | None = None) -> None:
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if inner_lr <= 0:
+            raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
+        self.model = model
+        self.task_type: TaskType = task_type
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.test_steps = int(test_steps if test_steps is not None else inner_steps)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return task_loss(self.task_type, outputs, targets)
+
+    def init_params(self) -> Params:
+        """Initial meta-parameters (the model's initialisation; subclasses may add more)."""
+        return module_params(self.model)
+
+    @abstractmethod
+    def meta_gradient(self, params: Params, tasks: TaskBatch) -> tuple[Params, dict[str, float]]:
+        """Meta-gradient of the mean query loss over ``tasks``, and mean metrics over them.
+
+        Metrics use these keys where they apply: ``loss_before``, ``loss_after`` (query loss
+        before and after adaptation), ``acc_before``, ``acc_after`` (classification only).
+        """
+
+    @abstractmethod
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor,
+              steps: int | None = None) -> Params:
+        """Adapted state for one support set; ``steps`` defaults to ``test_steps``."""
+
+    @abstractmethod
+    def predict(self, adapted: Params, x: Tensor) -> Tensor:
+        """Outputs of the adapted state on inputs ``x`` (logits, or regression values)."""
+
+    def meta_update(self, params: Params, tasks: TaskBatch) -> MetaUpdate:
+        """One local meta-step's update: the meta-gradient, its task count and metrics."""
+        grads, metrics = self.meta_gradient(params, tasks)
+        return MetaUpdate("gradient", grads, len(tasks), metrics)
+
+    @torch.no_grad()
+    def score(self, adapted: Params, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Loss (and accuracy for classification) of an adapted state on labelled inputs."""
+        out = self.predict(adapted, x)
+        metrics = {"loss": float(self.loss(out, y))}
+        if self.task_type == "classification":
+            metrics["accuracy"] = float(accuracy(out, y))
+        return metrics

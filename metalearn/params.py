@@ -1,0 +1,61 @@
+"""Parameters as plain ``dict[str, Tensor]``: what crosses actor boundaries and lands on disk.
+
+A functional representation (as in TorchOpt) keeps the maths free of module state: the driver
+averages dicts, an edge actor turns a dict into a meta-update, a replica adapts a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+
+
+def module_params(model: nn.Module) -> Params:
+    """Detached copies of a module's parameters, keyed by their names."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def load_into(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Copy ``params`` into the module's own parameters (same names, same shapes)."""
+    own = dict(model.named_parameters())
+    missing = set(own) - set(params)
+    if missing:
+        raise KeyError(f"parameters missing for {sorted(missing)}")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(params[name])
+
+
+def detach(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def clone(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def zeros_like(params: Mapping[str, Tensor]) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+def weighted_sum(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[float]) -> Params:
+    """``sum_i w_i * d_i`` key by key; the caller normalises the weights."""
+    out: Params = {}
+    for d, w in zip(dicts, weights, strict=True):
+        for k, v in d.items():
+            out[k] = out[k] + w * v if k in out else w * v.detach().clone()
+    return out
+
+
+def num_bytes(params: Mapping[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in params.values())
+
+
+def max_abs_diff(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    if a.keys() != b.keys():
+        raise KeyError(f"different keys: {sorted(set(a) ^ set(b))}")
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
