@@ -73,7 +73,13 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Meta-test protocol. ``ways``/``shots``/``queries`` default to the training episodes'
+    (ProtoNet trains on 60-way episodes and tests on 5-way; MAML's sinusoid tests 5-shot)."""
+
     episodes: int = Field(600, ge=1)
+    ways: int | None = Field(None, ge=1)
+    shots: int | None = Field(None, ge=1)
+    queries: int | None = Field(None, ge=1)
     steps: int | None = Field(None, ge=0, description="adaptation steps; default test_steps")
     steps_list: list[int] = Field(default_factory=lambda: [0, 1, 5, 10],
                                   description="sinusoid: MSE after each number of steps")

@@ -31,6 +31,8 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
               episodes: int) -> dict[str, Any]:
     """Meta-test result on held-out tasks: accuracy ± ci95, or MSE by adaptation steps."""
     data = cfg.to_dict()["data"]
+    data.update({k: v for k in ("ways", "shots", "queries")
+                 if (v := getattr(cfg.eval, k)) is not None})
     sampler = sampler_from_spec(data, "test", seed=cfg.eval.seed)
     if cfg.data.dataset == "sinusoid":
         by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
