@@ -77,7 +77,7 @@ def _pillow() -> Any:
 
 
 def vinyals_split_of(character_name: str) -> int:
-    """0 = train, 1 = val, 2 = test of the Vinyals split for ``Alphabet/characterNN``; -1 unknown."""
+    """Vinyals split of ``Alphabet/characterNN``: 0 = train, 1 = val, 2 = test, -1 = unknown."""
     alphabet = character_name.split("/", 1)[0]
     if character_name in _TEST_CHARACTERS or alphabet in _TEST_ALPHABETS:
         return 2
@@ -118,6 +118,10 @@ def _names_lookup(names_source: str | Path) -> dict[str, int]:
                         z["char_vinyals_split"].astype(int).tolist(), strict=True))
 
 
+def _name_of(key: tuple[int, str, str]) -> str:
+    return f"{key[1]}/{key[2]}"
+
+
 def build_arrays(background_zip: str | Path, evaluation_zip: str | Path,
                  names_source: str | Path | None = None) -> dict[str, np.ndarray]:
     """The npz's arrays (README layout, same key order) built from the two zips."""
@@ -135,12 +139,16 @@ def build_arrays(background_zip: str | Path, evaluation_zip: str | Path,
     character = np.array([char_index[k] for k in keys], dtype=np.int16)
     counts = np.bincount(character, minlength=len(char_keys))
     drawers = np.array([r[3] for r in rows], dtype=np.int8)
-    if (counts != DRAWERS).any() or len({(c, d) for c, d in zip(character, drawers)}) != len(rows):
-        bad = [f"{a}/{c}" for (_, a, c), n in zip(char_keys, counts) if n != DRAWERS][:5]
-        raise ValueError(f"every character needs {DRAWERS} distinct drawers; not so for {bad}")
+    pairs = character.astype(np.int64) * DRAWERS + drawers
+    if ((counts != DRAWERS).any() or drawers.min() < 0 or drawers.max() >= DRAWERS
+            or np.unique(pairs).size != pairs.size):
+        bad = sorted({_name_of(k) for k, r in zip(keys, rows, strict=True)
+                      if counts[char_index[k]] != DRAWERS or not 0 <= r[3] < DRAWERS})[:5]
+        raise ValueError(f"every character needs drawers _01.._{DRAWERS:02d} exactly once; "
+                         f"not so for {bad or 'a character listed twice'}")
 
     ink = np.stack([r[5] for r in rows])
-    names = [f"{a}/{c}" for _, a, c in char_keys]
+    names = [_name_of(k) for k in char_keys]
     lookup = _names_lookup(names_source) if names_source is not None else {}
     return {
         "images": np.stack([_resize28(x, image_module) for x in ink]),

@@ -121,11 +121,8 @@ def _malformed(path: Path, why: str) -> ValueError:
 def _maml_images(images105: np.ndarray) -> np.ndarray:
     """Binary nearest-neighbour 28×28 samples, as cbfinn/maml's Pillow resize really produced."""
     idx = ((np.arange(IMAGE_SIZE) + 0.5) * 105 / IMAGE_SIZE).astype(np.int64)
-    out = np.empty((images105.shape[0], IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    for start in range(0, images105.shape[0], 4096):  # bounded memory: unpack in chunks
-        full = np.unpackbits(images105[start:start + 4096], axis=-1, count=105)
-        out[start:start + 4096] = full[:, idx][:, :, idx] * 255
-    return out
+    rows = np.unpackbits(images105[:, idx], axis=-1, count=105)  # pick rows before unpacking
+    return rows[:, :, idx] * np.uint8(255)
 
 
 def _read(path: Path, variant: Variant) -> OmniglotData:
@@ -139,9 +136,9 @@ def _read(path: Path, variant: Variant) -> OmniglotData:
             missing.append("images105")
         if missing:
             raise _malformed(path, f"missing keys {missing}")
-        arrays = {k: npz[k] for k in _REQUIRED}
-        if variant == "maml":
-            arrays["images"] = _maml_images(npz["images105"])
+        arrays = {k: npz[k] for k in _REQUIRED if k != "images"}
+        arrays["images"] = npz["images"] if variant == "lanczos" else _maml_images(
+            npz["images105"])
     for key, ndim in _REQUIRED.items():
         if arrays[key].ndim != ndim:
             raise _malformed(path, f"{key!r} has shape {arrays[key].shape}, expected {ndim}-D")
