@@ -1,1 +1,1 @@
-"""Cluster shapes: the topology (cloud + edge sites), a local multi-node launcher, connect helpers."""
+"""Cluster shapes: the topology (cloud + edge sites), a local multi-node launcher, connecting."""

@@ -60,6 +60,8 @@ class Topology(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"site names must be distinct; repeated: {dupes}")
+        if self.head_port == self.dashboard_port:
+            raise ValueError(f"head_port and dashboard_port must differ (both {self.head_port})")
         for s in self.sites:
             if s.actor_cpus > s.num_cpus:
                 raise ValueError(f"site {s.name}: actor_cpus {s.actor_cpus} exceeds the node's "
@@ -96,8 +98,8 @@ def parse_topology(raw: Any, source: str = "<dict>") -> Topology:
         lines = [f"invalid topology {source}:"]
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {where}: "
-                         f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {'unknown key' if e['type'] == 'extra_forbidden' else msg}")
         raise TopologyError("\n".join(lines)) from None
 
 

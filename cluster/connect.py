@@ -1,0 +1,201 @@
+"""Join a Ray cluster (or start an embedded one) with authentication chosen on purpose.
+
+Three shapes, one call: ``connect(None, topo)`` starts Ray inside this process with every site's
+resource on the one node; ``connect("127.0.0.1:6390", topo)`` or ``connect("auto", topo)`` joins
+a running cluster (the local launcher's or ``ray up``'s) as a driver; ``connect("ray://...")``
+joins through Ray Client. Inside ``ray job submit`` Ray sets ``RAY_ADDRESS``, so
+``connect(None, ...)`` joins that cluster instead of starting a second one.
+
+Authentication (see :mod:`cluster.auth`) is decided here, never by what happens to lie in
+``~/.ray``:
+
+- embedded: token auth with a random in-memory token (nothing written to disk), unless the caller
+  gives ``token_path`` or sets ``RAY_AUTH_MODE`` itself;
+- joining: ``token_path`` if given; else ``RAY_AUTH_*`` from the environment if set (as in a job
+  driver, which inherits the cluster's); else the token of the local launcher's cluster when the
+  address is that cluster's; else no token (``RAY_AUTH_MODE=disabled``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster import auth
+from cluster.topology import CLOUD_RESOURCE, Topology, site_resource
+
+_saved_env: dict[str, str | None] | None = None
+
+
+class SiteNodesError(RuntimeError):
+    """Some sites of the topology have no alive node advertising their resource."""
+
+
+def connect(address: str | None = None, topology: Topology | None = None, *,
+            num_cpus: int | None = None, namespace: str = "edgemeta",
+            token_path: str | Path | None = None, state_dir: str | Path | None = None,
+            check_sites: bool = True, wait_s: float = 30.0,
+            log_to_driver: bool = True) -> dict[str, Any]:
+    """Connect this process to Ray and return a description of what it joined.
+
+    ``address``: None (``RAY_ADDRESS`` if set, else embedded), ``"auto"`` (the local launcher's
+    cluster recorded in ``state_dir`` if one is up, else Ray's own discovery), ``host:port`` of a
+    GCS, or ``ray://host:port``. ``topology``: declares the embedded node's resources; when
+    joining, its sites are checked (``check_site_nodes``, waiting up to ``wait_s`` for nodes
+    still registering) unless ``check_sites`` is False.
+    """
+    import ray
+
+    global _saved_env
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in this process; call shutdown() first")
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+
+    if address is None:
+        changes = _embedded_auth(token_path)
+        _saved_env = auth.apply_to_process(changes)
+        resources = topology.embedded_resources() if topology else {CLOUD_RESOURCE: 1000.0}
+        try:
+            ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources,
+                           include_dashboard=False, namespace=namespace,
+                           logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        except BaseException:
+            _restore_env()
+            raise
+        kind = "embedded"
+    else:
+        if num_cpus is not None:
+            raise ValueError("num_cpus applies to an embedded cluster only, not when joining one")
+        address, changes = _join_auth(address, token_path, state_dir)
+        _saved_env = auth.apply_to_process(changes)
+        try:
+            if address.startswith("ray://"):
+                ctx = ray.init(address=address, namespace=namespace)
+                kind = "client"
+            else:
+                ctx = ray.init(address=address, namespace=namespace,
+                               logging_level=logging.WARNING, log_to_driver=log_to_driver)
+                kind = "cluster"
+        except BaseException:
+            _restore_env()
+            raise
+
+    info: dict[str, Any] = {
+        "kind": kind,
+        "address": _gcs_address(ctx),
+        "dashboard_url": _http(getattr(ctx, "dashboard_url", None)),
+        "namespace": namespace,
+        "auth": os.environ.get(auth.AUTH_MODE_ENV, "disabled"),
+        "token_path": os.environ.get(auth.TOKEN_PATH_ENV),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "sites": {},
+    }
+    if topology is not None and check_sites:
+        try:
+            info["sites"] = check_site_nodes(topology, wait_s=0.0 if kind == "embedded" else wait_s)
+        except BaseException:
+            shutdown()
+            raise
+    return info
+
+
+def check_site_nodes(topology: Topology, *, wait_s: float = 0.0) -> dict[str, str]:
+    """Map each site to the id of the alive node that advertises ``edge:<site>``.
+
+    Raises :class:`SiteNodesError` naming every site with no such node (after waiting up to
+    ``wait_s`` for nodes that are still joining) or advertised by more than one node (an actor
+    pinned to it could land on either).
+    """
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        found: dict[str, list[str]] = {s: [] for s in topology.site_names}
+        for node in nodes:
+            for site in topology.site_names:
+                if node.get("Resources", {}).get(site_resource(site), 0) > 0:
+                    found[site].append(node["NodeID"])
+        missing = [s for s, ids in found.items() if not ids]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+
+    doubled = {s: ids for s, ids in found.items() if len(ids) > 1}
+    if missing or doubled:
+        lines = []
+        if missing:
+            lines.append(f"no alive node advertises the resource of site(s) {missing} "
+                         f"(expected resources {[site_resource(s) for s in missing]})")
+        for s, ids in doubled.items():
+            lines.append(f"site {s!r} is advertised by {len(ids)} nodes: {ids}")
+        seen = sorted({k for n in nodes for k in n.get("Resources", {})
+                       if k.startswith("edge:") or k == CLOUD_RESOURCE})
+        lines.append(f"alive nodes: {len(nodes)}; custom resources seen: {seen}")
+        raise SiteNodesError("; ".join(lines))
+    return {s: ids[0] for s, ids in found.items()}
+
+
+def shutdown() -> None:
+    """Disconnect from (or stop the embedded) Ray and restore the auth environment."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _restore_env()
+
+
+def _restore_env() -> None:
+    global _saved_env
+    if _saved_env is not None:
+        auth.restore_process(_saved_env)
+        _saved_env = None
+
+
+def _embedded_auth(token_path: str | Path | None) -> dict[str, str | None]:
+    if token_path is not None:
+        return auth.token_env(auth.write_token_file(token_path))
+    mode = os.environ.get(auth.AUTH_MODE_ENV)
+    if mode is None:
+        return auth.ephemeral_token_env()
+    if mode == "token" and not (os.environ.get(auth.TOKEN_ENV)
+                                or os.environ.get(auth.TOKEN_PATH_ENV)):
+        # Token mode asked for with no token: Ray would write ~/.ray/auth_token; don't let it.
+        return auth.ephemeral_token_env()
+    return {}
+
+
+def _join_auth(address: str, token_path: str | Path | None,
+               state_dir: str | Path | None) -> tuple[str, dict[str, str | None]]:
+    """The address to pass to Ray and the auth environment to join it with."""
+    from cluster import local
+
+    state = local.read_state_quietly(state_dir)
+    if address == "auto" and state is not None:
+        address = state["address"]
+    if token_path is not None:
+        return address, auth.token_env(token_path)
+    if os.environ.get(auth.AUTH_MODE_ENV) is not None:
+        return address, {}
+    if os.environ.get(auth.TOKEN_ENV) or os.environ.get(auth.TOKEN_PATH_ENV):
+        return address, {auth.AUTH_MODE_ENV: "token"}
+    if state is not None and local.address_matches(state, address):
+        return address, auth.token_env(state["token_path"])
+    return address, auth.disabled_env()
+
+
+def _gcs_address(ctx: Any) -> str | None:
+    info = getattr(ctx, "address_info", None)
+    if isinstance(info, dict):
+        return info.get("gcs_address") or info.get("address")
+    return None
+
+
+def _http(url: str | None) -> str | None:
+    if not url:
+        return None
+    return url if url.startswith(("http://", "https://")) else f"http://{url}"

@@ -1,0 +1,224 @@
+"""The local multi-node launcher with real processes: a head and two site raylets.
+
+One cluster for the module (start-up is the slow part). The tests run in file order: the
+node-failure test changes site-1's node id, and the last test takes the cluster down.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import auth, local, procs
+from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
+from cluster.topology import Topology, TopologyError, uniform_topology
+from experiments.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+
+def _topology() -> Topology:
+    topo = uniform_topology(2, memory_gb=0.5, object_store_gb=0.1)
+    return topo.model_copy(update={
+        "head_port": local.first_free_port(6390, 6420),
+        "dashboard_port": local.first_free_port(8270, 8300),
+        "cloud": topo.cloud.model_copy(update={"memory_gb": 1.0, "object_store_gb": 0.2}),
+    })
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    state = tmp_path_factory.mktemp("cluster") / "state"
+    t0 = time.monotonic()
+    info = local.up(_topology(), state, env=local.FAST_HEALTH_CHECK_ENV)
+    print(f"\ncluster up in {time.monotonic() - t0:.1f} s")
+    yield info
+    if (state / local.STATE_FILE).exists():
+        local.down(state, grace_s=5)
+
+
+def test_state_file_and_token(cluster: local.ClusterInfo) -> None:
+    token = Path(cluster.token_path)
+    assert token.parent == Path(cluster.state_dir)
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert len(auth.read_token(token)) == 64
+    saved = local.read_state(cluster.state_dir)
+    assert saved.address == cluster.address and set(saved.nodes) == {"cloud", "site-0", "site-1"}
+    assert all(n.session > 0 and n.node_id for n in saved.nodes.values())
+
+
+def test_status_lists_nodes_with_their_resources(cluster: local.ClusterInfo) -> None:
+    rows = {r["name"]: r for r in local.status(cluster.state_dir)}
+    assert set(rows) == {"cloud", "site-0", "site-1"}
+    assert all(r["alive"] and r["processes"] > 0 for r in rows.values())
+    assert rows["cloud"]["resources"]["cloud"] == 1000
+    for site in ("site-0", "site-1"):
+        res = rows[site]["resources"]
+        assert res[f"edge:{site}"] == 1000 and res["CPU"] == 1
+        assert res["memory"] == 0.5 * 2**30
+        assert not any(k.startswith("edge:") and k != f"edge:{site}" for k in res)
+
+
+def test_cli_status(cluster: local.ClusterInfo, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["cluster", "status", "--state-dir", cluster.state_dir]) == 0
+    out = capsys.readouterr().out
+    assert "site-1" in out and "edge:site-1=1000" in out and "cloud=1000" in out
+
+
+def test_dashboard_requires_the_token(cluster: local.ClusterInfo) -> None:
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{cluster.dashboard_url}/api/v0/nodes", timeout=10)
+    assert err.value.code in (401, 403)
+
+
+def test_pinned_actor_runs_on_its_site(cluster: local.ClusterInfo) -> None:
+    import ray
+
+    info = connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
+    try:
+        assert info["kind"] == "cluster" and info["auth"] == "token"
+        assert info["sites"] == {s: cluster.nodes[s].node_id for s in ("site-0", "site-1")}
+
+        @ray.remote(num_cpus=0, resources={"edge:site-1": 1})
+        class Probe:
+            def node(self) -> str:
+                return ray.get_runtime_context().get_node_id()
+
+        assert ray.get(Probe.remote().node.remote(), timeout=60) == info["sites"]["site-1"]
+    finally:
+        shutdown()
+    assert os.environ.get(auth.TOKEN_PATH_ENV) != cluster.token_path  # environment restored
+
+
+def test_job_submit_with_token(cluster: local.ClusterInfo, tmp_path: Path) -> None:
+    """A job with a working dir: its driver sees every site, and actors on the sites (whose
+    raylets unpack the working dir into their own temp dirs) run in it."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    (tmp_path / "job.py").write_text(
+        "import os, ray\n"
+        "ray.init()\n"
+        "print('RESOURCES', ray.cluster_resources())\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def where():\n"
+        "    return os.path.exists('job.py')\n"
+        "for s in ('site-0', 'site-1'):\n"
+        "    ok = ray.get(where.options(resources={f'edge:{s}': 1}).remote())\n"
+        "    print('WORKING_DIR_ON', s, ok)\n")
+    client = JobSubmissionClient(cluster.dashboard_url,
+                                 headers=auth.bearer_headers(auth.read_token(cluster.token_path)))
+    t0 = time.monotonic()
+    job = client.submit_job(entrypoint="python job.py",
+                            runtime_env={"working_dir": str(tmp_path)})
+    while (status := client.get_job_status(job)) not in {
+            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() - t0 < 120, "job did not finish"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    print(f"job {status} in {time.monotonic() - t0:.1f} s")
+    assert status == JobStatus.SUCCEEDED, logs
+    assert "'edge:site-0': 1000.0" in logs and "'edge:site-1': 1000.0" in logs
+    assert "WORKING_DIR_ON site-0 True" in logs and "WORKING_DIR_ON site-1 True" in logs
+
+    with pytest.raises(Exception, match=r"(?i)auth|401|403"):
+        JobSubmissionClient(cluster.dashboard_url).list_jobs()  # no token: refused
+
+
+def test_kill_and_restart_a_site(cluster: local.ClusterInfo) -> None:
+    state = cluster.state_dir
+    old_id = local.read_state(state).nodes["site-1"].node_id
+    assert local.kill_site(state, "site-1") > 0
+    rows = {r["name"]: r for r in local.status(state)}
+    assert rows["site-1"]["processes"] == 0
+    dead_after = local.wait_site(state, "site-1", alive=False, timeout_s=60)
+    print(f"GCS saw site-1 dead after {dead_after:.1f} s")
+
+    topo = cluster.topo
+    connect(cluster.address, topo, state_dir=state, check_sites=False)
+    try:
+        with pytest.raises(SiteNodesError, match="site-1") as err:
+            check_site_nodes(topo)
+        assert "site-0" not in str(err.value).split("alive nodes")[0]
+    finally:
+        shutdown()
+
+    with pytest.raises(local.ClusterError, match="still has running processes"):
+        local.start_site(state, "site-0")
+    local.start_site(state, "site-1", env=local.FAST_HEALTH_CHECK_ENV)
+    new_id = local.read_state(state).nodes["site-1"].node_id
+    assert new_id and new_id != old_id
+    info = connect(cluster.address, topo, state_dir=state)
+    try:
+        assert info["sites"]["site-1"] == new_id
+    finally:
+        shutdown()
+
+
+def test_second_up_is_refused(cluster: local.ClusterInfo, tmp_path: Path) -> None:
+    with pytest.raises(local.ClusterError, match="already up"):
+        local.up(cluster.topo, cluster.state_dir)
+    with pytest.raises(local.ClusterError, match=f"port {cluster.topo.head_port}"):
+        local.up(cluster.topo, tmp_path / "other")
+    assert not (tmp_path / "other" / local.STATE_FILE).exists()
+
+
+def test_cli_reports_bad_topology(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: [{name: a, bogus: 1}]\n")
+    assert cli_main(["cluster", "up", str(bad), "--state-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "sites.0.bogus: unknown key" in err and "Traceback" not in err
+    assert cli_main(["cluster", "status", "--state-dir", str(tmp_path / "none")]) == 2
+    assert "no local cluster recorded" in capsys.readouterr().err
+    with pytest.raises(TopologyError, match="whole number"):
+        local.up(uniform_topology(1, num_cpus=1.5, actor_cpus=1), tmp_path / "s2")
+
+
+def test_embedded_connect_uses_an_in_memory_token() -> None:
+    import ray
+
+    before = {k: os.environ.get(k) for k in auth.AUTH_ENV_VARS}
+    os.environ.pop(auth.AUTH_MODE_ENV, None)
+    try:
+        info = connect(None, uniform_topology(2), num_cpus=1)
+        try:
+            assert info["kind"] == "embedded" and info["auth"] == "token"
+            assert os.environ.get(auth.TOKEN_ENV) and not os.environ.get(auth.TOKEN_PATH_ENV)
+            node = ray.get_runtime_context().get_node_id()
+            assert info["sites"] == {"site-0": node, "site-1": node}
+        finally:
+            shutdown()
+        assert {k: os.environ.get(k) for k in auth.AUTH_ENV_VARS} == {
+            **before, auth.AUTH_MODE_ENV: None}
+    finally:
+        for k, v in before.items():
+            if v is not None:
+                os.environ[k] = v
+
+
+def test_down_stops_every_process(cluster: local.ClusterInfo) -> None:
+    # sessions of the original nodes and of site-1 as restarted above
+    sessions = {n.session for n in cluster.nodes.values()} | {
+        n.session for n in local.read_state(cluster.state_dir).nodes.values()}
+    t0 = time.monotonic()
+    assert local.down(cluster.state_dir) > 0
+    print(f"down in {time.monotonic() - t0:.1f} s")
+    deadline = time.monotonic() + 10
+    while True:
+        table = procs.process_table()
+        left = [p for p in table.values() if p.live and p.pid != os.getpid()
+                and (p.sid in sessions or cluster.temp_root in p.cmdline)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, [(p.pid, p.comm) for p in left]
+    assert not Path(cluster.temp_root).exists()
+    assert not (Path(cluster.state_dir) / local.STATE_FILE).exists()
+    with pytest.raises(local.ClusterError, match="no local cluster"):
+        local.status(cluster.state_dir)
