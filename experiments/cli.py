@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from experiments.config import ConfigError, load_config
@@ -32,6 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federated(args: argparse.Namespace) -> int:
+    from experiments.federated import train_federated
+
+    cfg = load_config(_resolve_config(args.config), args.set)
+    train_federated(cfg, resume=not args.fresh, address=args.address)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.train import evaluate_run
 
@@ -56,6 +66,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.launch import run
+
+    return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
+               ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
+               num_replicas=args.replicas, address=args.address,
+               proxy_location=args.proxy_location)
+
+
+def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a cluster or topology problem as one clear line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        from cluster.local import ClusterError
+        from cluster.topology import TopologyError
+
+        try:
+            return fn(args)
+        except (ClusterError, TopologyError) as err:
+            print(f"edgemeta cluster: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _cluster_state_dir(args: argparse.Namespace) -> Path:
+    from cluster.local import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+@_cluster_errors
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from cluster.local import up
+    from cluster.topology import load_topology
+
+    topo = load_topology(args.topology)
+    info = up(topo, _cluster_state_dir(args))
+    print(f"\nLocal cluster up: GCS {info.address}, dashboard {info.dashboard_url}, "
+          f"sites {', '.join(topo.site_names)}")
+    print(f"Token (mode 0600): {info.token_path}\n\nSubmit a job:\n{info.submit_hint()}")
+    print(f"\nOr connect a driver: cluster.connect.connect('auto', topology)"
+          f"\nStop it: edgemeta cluster down"
+          f"{' --state-dir ' + args.state_dir if args.state_dir else ''}")
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from cluster.local import down
+
+    down(_cluster_state_dir(args), grace_s=args.grace)
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from cluster.local import read_state, status
+
+    info = read_state(_cluster_state_dir(args))
+    print(f"cluster {info.address}  dashboard {info.dashboard_url}  state {info.state_dir}")
+    print(f"{'node':<14} {'kind':<5} {'node id':<14} {'alive':<6} {'procs':>5}  resources")
+    for row in status(_cluster_state_dir(args)):
+        alive = "?" if row["alive"] is None else ("yes" if row["alive"] else "no")
+        custom = {k: v for k, v in row["resources"].items() if ":" in k or k == "cloud"}
+        custom = {k: v for k, v in custom.items() if not k.startswith("node:")}
+        cpu = row["resources"].get("CPU")
+        res = " ".join([f"CPU={cpu:g}" if cpu else "", *(f"{k}={v:g}" for k, v in custom.items())])
+        print(f"{row['name']:<14} {row['kind']:<5} {row['node_id'][:12]:<14} {alive:<6} "
+              f"{row['processes']:>5}  {res.strip()}")
+    return 0
+
+
+def cmd_cluster_token(args: argparse.Namespace) -> int:
+    from cluster.auth import write_token_file
+
+    path = write_token_file(args.path)
+    print(f"token in {path} (mode 0600); cluster.yaml's file_mounts copies it to every node")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=100")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federated", help="federated meta-training across edge sites on Ray")
+    p.add_argument("config", help="a YAML file with a federated section, or a bundled name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federated.quorum=2")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: federated.address, else embedded)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    p.set_defaults(func=cmd_federated)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run folder's checkpoint on meta-test")
     p.add_argument("run_dir")
@@ -83,6 +184,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a run folder's models over HTTP with Ray Serve")
+    p.add_argument("run_dir", nargs="+", help="run folder(s); the first is `latest`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None,
+                   help="require this bearer token (default: EDGEMETA_SERVE_TOKEN, else none)")
+    p.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                   help="HTTP ingress: HAProxy where available (auto), or Serve's own proxy")
+    p.add_argument("--site", default=None, help="pin replicas to this edge site's node")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--address", default=None, help="join a running Ray cluster")
+    p.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode"], default="HeadOnly")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cluster", help="a local multi-node Ray cluster (a raylet per site)")
+    cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
+    state_help = "where the cluster's state, token and logs live (default: EDGEMETA_STATE_DIR " \
+                 "or ~/.edgemeta/cluster)"
+    c = cluster_sub.add_parser("up", help="start a head (cloud) and one raylet per edge site")
+    c.add_argument("topology", help="a topology YAML, e.g. cluster/topologies/local4.yaml")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.set_defaults(func=cmd_cluster_up)
+    c = cluster_sub.add_parser("down", help="stop exactly the processes `cluster up` started")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.add_argument("--grace", type=float, default=10.0, help="seconds to wait before SIGKILL")
+    c.set_defaults(func=cmd_cluster_down)
+    c = cluster_sub.add_parser("status", help="nodes, alive state and resources")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.set_defaults(func=cmd_cluster_status)
+    c = cluster_sub.add_parser("token", help="write a new auth token file for cluster.yaml")
+    c.add_argument("path", nargs="?", default="~/.edgemeta/cloud_auth_token")
+    c.set_defaults(func=cmd_cluster_token)
     return parser
 
 

@@ -87,6 +87,96 @@ class EvalConfig(_Section):
     seed: int = 1234
 
 
+class FederatedConfig(_Section):
+    """Federated meta-training across edge sites (``edgemeta federated``).
+
+    A round is one outer step of the cloud, so the ``train`` section keeps its meaning per
+    round: ``train.steps`` is the number of rounds, and ``outer_lr``, ``outer_optimizer``,
+    ``log_every``, ``checkpoint_every``, ``eval_every`` and ``time_budget_s`` count rounds.
+    ``train.meta_batch`` is the total number of tasks of a round over all sites, unless
+    ``tasks_per_site`` says otherwise; with ``local_steps: 1`` and ``site_fraction: 1`` a round
+    is then exactly one centralized step on ``sites * tasks_per_site`` tasks.
+    """
+
+    topology: str | int | dict[str, Any] = Field(
+        4, description="a topology YAML (path, or a name in cluster/topologies), a number of "
+                       "uniform sites, or an inline topology; {sites: N} is N uniform sites")
+    tasks_per_site: int | None = Field(
+        None, ge=1, description="tasks per site and local step; default ceil(meta_batch / sites)")
+    local_steps: int = Field(1, ge=1, description="1: meta-gradients; E > 1: E local "
+                                                  "meta-steps, parameter deltas")
+    local_lr: float = Field(1e-3, gt=0, description="step size of local meta-steps (E > 1)")
+    local_optimizer: Literal["sgd", "adam"] = "sgd"
+    site_fraction: float = Field(1.0, gt=0, le=1, description="share of sites called per round")
+    devices_per_site: int | None = Field(
+        None, ge=1, description="virtual clients per site; default: the topology's devices")
+    devices_per_round: int | None = Field(
+        None, ge=1, description="devices sampled per called site and round; default: all")
+    deadline_s: float | None = Field(None, gt=0, description="wait this long for a round; "
+                                                             "later updates count as late")
+    quorum: int = Field(1, ge=1, description="fewest updates that make an outer step")
+    max_missed_rounds: int = Field(3, ge=1, description="consecutive rounds below quorum "
+                                                        "before the run fails")
+    aggregator: dict[str, Any] = Field(default_factory=lambda: {"name": "weighted_mean"})
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of each site's "
+                                    "characters held out for the personalization report")
+    personalize_episodes: int = Field(100, ge=0, description="held-out tasks per site for "
+                                      "the before/after adaptation report; 0 skips it")
+    address: str | None = Field(None, description="Ray address; default: an embedded cluster")
+    stop_after_rounds: int | None = Field(
+        None, ge=1, description="testing aid: checkpoint and stop after this round")
+    fail_sites: list[str] = Field(default_factory=list,
+                                  description="testing aid: these sites raise every round")
+
+    @model_validator(mode="after")
+    def _check(self) -> FederatedConfig:
+        from metalearn.aggregation import build_aggregator
+
+        build_aggregator(self.aggregator)  # raises ValueError with the reason
+        topology = self.resolved_topology()
+        names = topology.site_names
+        unknown = sorted(set(self.fail_sites) - set(names))
+        if unknown:
+            raise ValueError(f"fail_sites {unknown} are not sites of the topology {names}")
+        called = self.sites_per_round(len(names))
+        if self.quorum > called:
+            raise ValueError(f"quorum {self.quorum} exceeds the {called} sites called per "
+                             f"round ({len(names)} sites x site_fraction {self.site_fraction})")
+        if self.devices_per_round is not None:
+            fewest = min(self.devices_per_site or s.devices for s in topology.sites)
+            if self.devices_per_round > fewest:
+                raise ValueError(f"devices_per_round {self.devices_per_round} exceeds the "
+                                 f"{fewest} devices of the smallest site")
+            if self.tasks_per_site is not None and self.devices_per_round > self.tasks_per_site:
+                raise ValueError(f"devices_per_round {self.devices_per_round} exceeds "
+                                 f"tasks_per_site {self.tasks_per_site}: some devices would "
+                                 "sample no task")
+        return self
+
+    def sites_per_round(self, sites: int) -> int:
+        return max(1, round(self.site_fraction * sites))
+
+    def resolved_topology(self) -> Any:
+        """The :class:`cluster.topology.Topology` that ``topology`` names."""
+        from cluster.topology import load_topology, parse_topology, uniform_topology
+
+        spec = self.topology
+        if isinstance(spec, int):
+            return uniform_topology(spec)
+        if isinstance(spec, dict):
+            if isinstance(spec.get("sites"), int):
+                return uniform_topology(spec["sites"], **{k: v for k, v in spec.items()
+                                                           if k != "sites"})
+            return parse_topology(spec, "federated.topology")
+        path = Path(spec)
+        bundled = Path(__file__).resolve().parents[1] / "cluster" / "topologies"
+        for candidate in (path, bundled / path, bundled / f"{spec}.yaml"):
+            if candidate.is_file():
+                return load_topology(candidate)
+        raise ValueError(f"topology file {spec!r} does not exist (looked in the working "
+                         f"directory and {bundled})")
+
+
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -96,6 +186,7 @@ class ExperimentConfig(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    federated: FederatedConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:

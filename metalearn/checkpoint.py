@@ -76,7 +76,7 @@ def latest_step(run_dir: str | Path) -> int | None:
 
 
 def load_checkpoint(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
-    """Load step ``step`` (default: the latest). Raises FileNotFoundError with the steps there are."""
+    """Load step ``step`` (default: the latest); a missing step lists the ones there are."""
     if step is None:
         step = latest_step(run_dir)
         if step is None:

@@ -1,0 +1,203 @@
+"""The edge actor: one per site, pinned to the site's node, holding the site's data.
+
+The cloud sends a partition (character ids or an amplitude range), never examples; the actor
+loads its data itself, inside its own process on its own node. What it sends back is the
+update of :func:`metalearn.federated.local_update` (parameter-shaped tensors), task counts,
+scalar metrics and timings. Raw examples never leave the actor.
+
+Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
+(see :class:`metalearn.federated.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
+re-runs the constructor with the same arguments) or a resumed driver gets the same tasks
+for the same round, so :meth:`EdgeNode.sampler_state` only needs to carry a round counter.
+
+Test hooks: ``delay_s`` adds simulated compute time to each round (a slow site) and ``fail``
+makes every round raise (a broken site). Both come from the topology / config, so a test can
+inject them into a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+import torch
+
+from cluster.topology import ACTOR_RESOURCE_REQUEST, SiteSpec, site_resource
+from metalearn.federated import SiteTasks, local_update, site_seed
+from metalearn.params import Params
+from metalearn.spec import algorithm_from_spec
+
+_POLL_S = 0.02  # how often an injected delay looks for a cancellation
+
+
+def _cancelled() -> bool:
+    """True when the driver gave up on the running call (``ray.cancel`` on a late round)."""
+    try:
+        return bool(ray.get_runtime_context().is_canceled())
+    except Exception:  # outside an actor task (plain-object use in tests)
+        return False
+
+
+class RoundCancelled(RuntimeError):
+    """The driver cancelled a round that was past its deadline; its result is moot."""
+
+
+class EdgeNode:
+    """The work of one edge site (used as a Ray actor through :func:`spawn_edge`).
+
+    Args:
+        site: the site's name (``site-0``).
+        config: the resolved experiment config as a dict (data, model, algorithm, federated).
+        plan: the site's entry of :func:`metalearn.federated.plan_sites` (ids, not data).
+        devices: number of virtual clients at this site.
+        seed: the run seed.
+        tasks_per_round: tasks the site samples per local meta-step, split over its devices.
+        delay_s: injected extra seconds per round (simulated slow hardware).
+        fail: test hook: every round raises.
+    """
+
+    def __init__(self, site: str, config: Mapping[str, Any], plan: Mapping[str, Any], *,
+                 devices: int = 1, seed: int = 0, tasks_per_round: int = 1,
+                 delay_s: float = 0.0, fail: bool = False) -> None:
+        self.site = site
+        self.config = dict(config)
+        fed = dict(self.config.get("federated") or {})
+        self.local_steps = int(fed.get("local_steps", 1))
+        self.local_lr = float(fed.get("local_lr", 1e-3))
+        self.local_optimizer = fed.get("local_optimizer", "sgd")
+        self.tasks_per_round = int(tasks_per_round)
+        self.delay_s = float(delay_s)
+        self.fail = bool(fail)
+        torch.manual_seed(site_seed(seed, site, 99))  # the model's own init is never used
+        self.algorithm = algorithm_from_spec(self.config)
+        self.tasks = SiteTasks(self.config["data"], plan, devices=devices, seed=seed)
+        self.rounds_done = 0
+        self.last_round = 0
+        t0 = time.perf_counter()
+        if self.config["data"]["dataset"] == "omniglot":  # load now: round 1 times compute only
+            from metalearn.data.omniglot import load_omniglot
+
+            load_omniglot(self.config["data"].get("path"))
+        self.load_s = time.perf_counter() - t0
+        self.warmup_s = self._warm_up()
+
+    def _warm_up(self) -> float:
+        """One meta-gradient on round-0 tasks (round 0 is never a training round), so that
+        lazy imports, first-call tracing and the fast path's strategy choice happen while the
+        actor starts (in parallel with the other sites) rather than inside round 1's timing."""
+        t0 = time.perf_counter()
+        tasks = self.tasks.round_sampler([0], 0)(self.tasks_per_round)
+        self.algorithm.meta_gradient(self.algorithm.init_params(), tasks)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ rounds
+
+    def round(self, params: Params, round_idx: int,
+              device_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """One round: sample this round's tasks on the chosen devices, compute the update.
+
+        Returns only parameter-shaped tensors (``tensors``), counts, scalar metrics, timings,
+        the site's name and the device ids: nothing derived row by row from the data.
+        """
+        t0 = time.perf_counter()
+        if self.fail:
+            raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
+        devices = (list(range(self.tasks.devices)) if device_ids is None
+                   else sorted(int(d) for d in device_ids))
+        params = {k: v.detach().clone() for k, v in params.items()}
+        sample = self.tasks.round_sampler(devices, round_idx)
+        update = local_update(self.algorithm, params, sample, self.tasks_per_round,
+                              self.local_steps, self.local_lr, self.local_optimizer)
+        self._injected_delay()
+        self.rounds_done += 1
+        self.last_round = int(round_idx)
+        return {
+            "site": self.site,
+            "round": int(round_idx),
+            "kind": update.kind,
+            "tensors": {k: v.detach().contiguous() for k, v in update.tensors.items()},
+            "num_tasks": int(update.num_tasks),
+            "metrics": {k: float(v) for k, v in update.metrics.items()},
+            "compute_s": time.perf_counter() - t0,
+            "device_ids": devices,
+        }
+
+    def _injected_delay(self) -> None:
+        end = time.perf_counter() + self.delay_s
+        while time.perf_counter() < end:
+            if _cancelled():
+                raise RoundCancelled(f"{self.site}: round cancelled by the driver")
+            time.sleep(min(_POLL_S, max(0.0, end - time.perf_counter())))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def personalize(self, params: Params, episodes: int = 100) -> dict[str, Any]:
+        """Accuracy (or MSE) on the site's own held-out tasks, before and after adapting.
+
+        Held out: Omniglot characters of the site's own alphabets that its training rounds
+        never sample (``federated.holdout_fraction`` of them); sinusoid tasks of the site's
+        amplitude range from a stream training never draws. "Before" scores the meta-model
+        with zero adaptation steps, "after" with the algorithm's ``test_steps``, on the same
+        episodes (paired).
+        """
+        from metalearn.evaluation import evaluate_by_steps
+
+        t0 = time.perf_counter()
+        params = {k: v.detach().clone() for k, v in params.items()}
+        steps = self.algorithm.test_steps
+        by_steps = evaluate_by_steps(self.algorithm, params, self.tasks.holdout_sampler().sample,
+                                     episodes, steps_list=[0, steps], batch=min(32, episodes))
+        out: dict[str, Any] = {"site": self.site, "episodes": int(episodes), "steps": steps}
+        for prefix, result in (("before", by_steps[0]), ("after", by_steps[steps])):
+            out.update({f"{prefix}_{k}": float(v) for k, v in result.items() if k != "episodes"})
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def info(self) -> dict[str, Any]:
+        """Where the actor runs and what it holds (counts and names, no data)."""
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        plan = self.tasks.plan
+        return {
+            "site": self.site,
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id() if ctx else None,
+            "devices": self.tasks.devices,
+            "characters": len(plan.get("characters", [])),
+            "holdout": len(plan.get("holdout", [])),
+            "alphabets": list(plan.get("alphabets", [])),
+            "amplitude": list(plan["amplitude"]) if "amplitude" in plan else None,
+            "rounds_done": self.rounds_done,
+            "load_s": self.load_s,
+            "warmup_s": self.warmup_s,
+        }
+
+    def sampler_state(self) -> dict[str, int]:
+        """All the sampling state there is: tasks are seeded per round, so a counter."""
+        return {"rounds_done": self.rounds_done, "last_round": self.last_round}
+
+    def load_sampler_state(self, state: Mapping[str, int]) -> None:
+        self.rounds_done = int(state.get("rounds_done", 0))
+        self.last_round = int(state.get("last_round", 0))
+
+
+def spawn_edge(site: SiteSpec, config: Mapping[str, Any], plan: Mapping[str, Any], *,
+               devices: int, seed: int, tasks_per_round: int, fail: bool = False) -> Any:
+    """Start ``site``'s :class:`EdgeNode` actor on the node that advertises ``edge:<site>``.
+
+    ``max_restarts=-1``: a site whose node dies comes back when the node (or another with the
+    same resource) rejoins. ``max_task_retries=0``: the driver, not Ray, decides what to do
+    with a round that failed (it records the failure and carries on without that site).
+    """
+    remote = ray.remote(EdgeNode).options(
+        resources={site_resource(site.name): ACTOR_RESOURCE_REQUEST},
+        num_cpus=site.actor_cpus,
+        max_restarts=-1,
+        max_task_retries=0,
+    )
+    return remote.remote(site.name, dict(config), dict(plan), devices=devices, seed=seed,
+                         tasks_per_round=tasks_per_round, delay_s=site.delay_s, fail=fail)

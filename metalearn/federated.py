@@ -1,0 +1,224 @@
+"""The edge side of a federated round, in pure torch: where a site's tasks come from, and what
+update it computes from them.
+
+Two things live here so that an edge actor and a single-process reference share them exactly:
+
+* **Site task sources** (:func:`plan_sites`, :class:`SiteTasks`). A site's data is a partition
+  of the meta-training set (whole Omniglot alphabets, or a sinusoid amplitude sub-range), split
+  further over the site's virtual clients (devices). The tasks a device samples in a round are a
+  pure function of ``(seed, site, device, round)``: each round builds the device's sampler from
+  a seed derived from those four numbers. A restarted actor, a resumed run and a centralized
+  reference therefore all see the same tasks, with no sampler state to carry around.
+* **Local updates** (:func:`local_update`). With one local step a site returns its
+  meta-gradient (the cloud applies it: exactly centralized MAML over the union of tasks when all
+  sites take part). With ``E > 1`` it takes ``E`` meta-steps of its own and returns the change
+  of the meta-parameters, a *delta* that the cloud applies as a pseudo-gradient (FedOpt).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate
+from metalearn.outer import OuterOptimizer
+from metalearn.params import Params
+from metalearn.tasks import TaskBatch
+
+SampleTasks = Callable[[int], TaskBatch]
+
+# Stream tags: training rounds and the held-out personalization tasks never share a seed.
+_ROUND, _HOLDOUT, _DEVICES = 0, 1, 2
+
+
+def site_seed(seed: int, site: str, *extra: int) -> int:
+    """A 32-bit seed from the run seed, the site's name and further integers.
+
+    The site enters by a CRC of its name, not by its position in the topology, so adding or
+    reordering sites leaves every other site's task stream unchanged.
+    """
+    words = [int(seed) & 0xFFFFFFFF, zlib.crc32(site.encode()), *(int(e) for e in extra)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def round_seed(seed: int, site: str, device: int, round_idx: int) -> int:
+    """Seed of device ``device`` of ``site`` in round ``round_idx``."""
+    return site_seed(seed, site, _ROUND, device, round_idx)
+
+
+# --------------------------------------------------------------------------- site partitions
+
+def _holdout_split(site: str, characters: np.ndarray, fraction: float, minimum: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) characters of a site: a seeded ``fraction`` of its characters, at
+    least ``minimum``, is kept for measuring personalization and never trained on."""
+    if fraction <= 0:
+        return np.sort(characters), np.array([], dtype=np.int64)
+    n = characters.size
+    k = max(minimum, math.ceil(fraction * n))
+    if n - k < minimum:
+        raise ValueError(f"site {site} has {n} characters: too few to hold out {k} and still "
+                         f"train on {minimum} (lower holdout_fraction or use fewer sites)")
+    perm = np.random.default_rng(site_seed(seed, site, _HOLDOUT)).permutation(characters)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def plan_sites(data: Mapping[str, Any], sites: Sequence[str], seed: int,
+               holdout_fraction: float = 0.2) -> dict[str, dict[str, Any]]:
+    """Each site's share of the meta-training set, as plain ints, floats and strings.
+
+    Omniglot: whole alphabets of the 1200 meta-training characters per site
+    (:func:`~metalearn.data.partition.partition_by_alphabet`, non-IID), minus a held-out
+    ``holdout_fraction`` of the site's characters. Sinusoid: a contiguous amplitude sub-range
+    per site (:func:`~metalearn.data.partition.sinusoid_site_ranges`). The plan holds character
+    ids and ranges only, never examples; it is what the cloud sends to each edge actor.
+    """
+    from metalearn.data.partition import partition_by_alphabet, sinusoid_site_ranges
+
+    if data["dataset"] == "sinusoid":
+        ranges = sinusoid_site_ranges(len(sites), tuple(data["amplitude"]), tuple(data["phase"]))
+        return {s: {"site": s, "amplitude": list(r["amplitude"])}
+                for s, r in zip(sites, ranges, strict=True)}
+
+    from metalearn.data.omniglot import load_omniglot, standard_split
+
+    omni = load_omniglot(data.get("path"))
+    train, _ = standard_split(omni)
+    parts = partition_by_alphabet(train, omni.char_alphabet, len(sites), seed)
+    plans = {}
+    for site, part in zip(sites, parts, strict=True):
+        chars, held = _holdout_split(site, part, holdout_fraction, int(data["ways"]), seed)
+        alphabets = sorted({str(omni.alphabet_names[a]) for a in omni.char_alphabet[part]})
+        plans[site] = {"site": site, "characters": chars.tolist(), "holdout": held.tolist(),
+                       "alphabets": alphabets}
+    return plans
+
+
+class SiteTasks:
+    """The task source of one site: its devices' partitions and their per-round samplers.
+
+    Devices are virtual: a device is a slice of the site's characters (or amplitude range)
+    and a seed, computed on first use. Ten thousand devices cost a list of small index arrays,
+    and a round builds samplers only for the devices that take part in it.
+
+    Args:
+        data: the config's ``data`` section.
+        plan: this site's entry of :func:`plan_sites`.
+        devices: number of virtual clients of the site.
+        seed: the run seed.
+    """
+
+    def __init__(self, data: Mapping[str, Any], plan: Mapping[str, Any], devices: int = 1,
+                 seed: int = 0) -> None:
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        self.data = dict(data)
+        self.site = str(plan["site"])
+        self.plan = dict(plan)
+        self.devices = int(devices)
+        self.seed = int(seed)
+        self.sinusoid = data["dataset"] == "sinusoid"
+        self._parts: list[np.ndarray] | None = None
+
+    def device_part(self, device: int) -> np.ndarray | tuple[float, float]:
+        """Device ``device``'s characters, or its amplitude sub-range (sinusoid)."""
+        if not 0 <= device < self.devices:
+            raise IndexError(f"site {self.site} has devices 0..{self.devices - 1}, not {device}")
+        if self.sinusoid:
+            lo, hi = (float(a) for a in self.plan["amplitude"])
+            width = (hi - lo) / self.devices
+            return (lo + device * width, hi if device == self.devices - 1 else
+                    lo + (device + 1) * width)
+        if self._parts is None:
+            from metalearn.data.partition import partition_devices
+
+            chars = np.asarray(self.plan["characters"], dtype=np.int64)
+            self._parts = partition_devices(chars, self.devices, site_seed(self.seed, self.site,
+                                                                           _DEVICES),
+                                            min_classes=int(self.data["ways"]))
+        return self._parts[device]
+
+    def sampler(self, device: int, round_idx: int) -> Any:
+        """A fresh sampler of ``device``'s tasks for round ``round_idx``."""
+        from metalearn.spec import sampler_from_spec
+
+        part = self.device_part(device)
+        seed = round_seed(self.seed, self.site, device, round_idx)
+        if self.sinusoid:
+            return sampler_from_spec(self.data, seed=seed, amplitude=part)  # type: ignore[arg-type]
+        return sampler_from_spec(self.data, seed=seed, characters=part)  # type: ignore[arg-type]
+
+    def round_sampler(self, device_ids: Sequence[int], round_idx: int) -> SampleTasks:
+        """``sample(n)``: ``n`` tasks split as evenly as possible over ``device_ids`` (the first
+        devices get one more when ``n`` does not divide), concatenated in device order."""
+        device_ids = sorted(int(d) for d in device_ids)
+        if not device_ids:
+            raise ValueError("a round needs at least one device")
+        samplers = [self.sampler(d, round_idx) for d in device_ids]
+
+        def sample(n: int) -> TaskBatch:
+            base, extra = divmod(n, len(samplers))
+            counts = [base + (i < extra) for i in range(len(samplers))]
+            return TaskBatch.cat([s.sample(c) for s, c in zip(samplers, counts, strict=True)
+                                  if c > 0])
+
+        return sample
+
+    def holdout_sampler(self) -> Any:
+        """A fixed-seed sampler of the site's held-out tasks (for personalization).
+
+        Omniglot: the site's held-out characters (whole characters of the site's own
+        alphabets that training never saw). Sinusoid: fresh tasks from the site's amplitude
+        range on a stream that training never draws from.
+        """
+        from metalearn.spec import sampler_from_spec
+
+        seed = site_seed(self.seed, self.site, _HOLDOUT)
+        if self.sinusoid:
+            return sampler_from_spec(self.data, seed=seed,
+                                     amplitude=tuple(self.plan["amplitude"]))
+        held = np.asarray(self.plan.get("holdout", []), dtype=np.int64)
+        if held.size == 0:
+            raise ValueError(f"site {self.site} holds out no characters "
+                             "(federated.holdout_fraction is 0): nothing to personalize on")
+        return sampler_from_spec(self.data, seed=seed, characters=held)
+
+
+# --------------------------------------------------------------------------- local updates
+
+def _mean_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted(keys)}
+
+
+def local_update(algorithm: MetaAlgorithm, params: Params, sample_tasks: SampleTasks,
+                 tasks_per_step: int, local_steps: int = 1, local_lr: float = 1e-3,
+                 local_optimizer: Literal["sgd", "adam"] = "sgd") -> MetaUpdate:
+    """A site's update to the meta-parameters ``params``.
+
+    ``local_steps == 1``: the algorithm's own update on ``tasks_per_step`` fresh tasks (a
+    meta-gradient for MAML and its kin). ``local_steps > 1``: that many local meta-steps with
+    SGD or Adam at ``local_lr``, each on fresh tasks, and the result is the *delta*
+    ``new - params``, standing for ``local_steps * tasks_per_step`` tasks. Metrics are means
+    over the local steps. The local optimizer starts fresh every round (its state is not sent
+    back, so it could not be checkpointed by the cloud anyway).
+    """
+    if tasks_per_step < 1:
+        raise ValueError(f"tasks_per_step must be >= 1, got {tasks_per_step}")
+    if local_steps < 1:
+        raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+    if local_steps == 1:
+        return algorithm.meta_update(params, sample_tasks(tasks_per_step))
+
+    local = OuterOptimizer(params, lr=local_lr, kind=local_optimizer)
+    rows = []
+    for _ in range(local_steps):
+        update = algorithm.meta_update(local.params, sample_tasks(tasks_per_step))
+        local.step(update.tensors, update.kind)
+        rows.append(update.metrics)
+    delta = {k: (local.params[k] - params[k]).detach().clone() for k in params}
+    return MetaUpdate("delta", delta, tasks_per_step * local_steps, _mean_metrics(rows))

@@ -1,0 +1,150 @@
+"""Raw examples stay at the edge.
+
+Two checks on a real (embedded) Ray cluster with Omniglot:
+
+* everything an edge actor returns is a parameter-shaped tensor, or a scalar / string / list of
+  those (ids, names), never an image or a label array;
+* the driver process never opens the data file: while the driver trains, ``numpy.load``,
+  ``load_omniglot`` and ``open`` of the npz raise in this process (the actors, planning and
+  meta-test tasks run in other processes and load it there), and every value ``ray.get``
+  hands the driver passes the check above.
+"""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from cluster.connect import connect, shutdown
+from cluster.topology import uniform_topology
+from experiments.config import ExperimentConfig, parse_config
+from experiments.federated import train_federated
+from metalearn.federated import plan_sites
+from metalearn.spec import algorithm_from_spec
+
+SITES = 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    topology = uniform_topology(SITES)
+    connect(None, topology, num_cpus=SITES + 1, log_to_driver=False)
+    try:
+        yield topology
+    finally:
+        shutdown()
+
+
+def config(tmp_path: Path) -> ExperimentConfig:
+    return parse_config({
+        "name": "privacy", "seed": 1, "output_dir": str(tmp_path),
+        "data": {"dataset": "omniglot", "ways": 3, "shots": 1, "queries": 2},
+        "model": {"name": "omniglot_conv", "channels": 8},
+        "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},
+        "train": {"meta_batch": 4, "steps": 2, "checkpoint_every": 100},
+        "eval": {"episodes": 6, "batch": 6},
+        "federated": {"topology": {"sites": SITES}, "personalize_episodes": 3},
+    })
+
+
+def param_shapes(cfg: ExperimentConfig) -> set[tuple[int, ...]]:
+    params = algorithm_from_spec(cfg.to_dict()).init_params()
+    return {tuple(v.shape) for v in params.values()}
+
+
+def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every non-container value inside nested dicts, lists and tuples, with its path."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in leaves(v, f"{path}.{k}")]
+    if isinstance(value, list | tuple):
+        return [leaf for i, v in enumerate(value) for leaf in leaves(v, f"{path}[{i}]")]
+    return [(path, value)]
+
+
+def assert_no_data(value: Any, shapes: set[tuple[int, ...]]) -> None:
+    for path, leaf in leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            assert tuple(leaf.shape) in shapes, f"{path}: tensor {tuple(leaf.shape)} is not " \
+                                                "shaped like a parameter"
+        else:
+            assert leaf is None or isinstance(leaf, bool | int | float | str), \
+                f"{path}: {type(leaf).__name__} is neither a tensor nor a scalar"
+
+
+def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
+                                                                  tmp_path: Path) -> None:
+    from actors.edge import spawn_edge
+
+    cfg = config(tmp_path)
+    spec = cfg.to_dict()
+    topology = ray_cluster
+    plan = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))["site-0"]
+    edge = spawn_edge(topology.sites[0], spec, plan, devices=2, seed=1, tasks_per_round=3)
+    try:
+        params = algorithm_from_spec(spec).init_params()
+        result = ray.get(edge.round.remote(ray.put(params), 1, [0, 1]))
+        assert set(result) == {"site", "round", "kind", "tensors", "num_tasks", "metrics",
+                               "compute_s", "device_ids"}
+        assert {k: tuple(v.shape) for k, v in result["tensors"].items()} == \
+            {k: tuple(v.shape) for k, v in params.items()}
+        assert result["num_tasks"] == 3 and result["device_ids"] == [0, 1]
+        assert all(isinstance(v, float) for v in result["metrics"].values())
+        shapes = param_shapes(cfg)
+        for value in (result, ray.get(edge.personalize.remote(params, 2)),
+                      ray.get(edge.info.remote()), ray.get(edge.sampler_state.remote())):
+            assert_no_data(value, shapes)
+    finally:
+        ray.kill(edge)
+
+
+def test_driver_never_opens_the_data_file(ray_cluster, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(tmp_path)
+    shapes = param_shapes(cfg)
+    opened: list[str] = []
+
+    def refuse(what: str):
+        def _raise(*args: Any, **kwargs: Any) -> Any:
+            opened.append(f"{what}{args[:1]}")
+            raise AssertionError(f"the driver process called {what}")
+        return _raise
+
+    real_open = builtins.open
+
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if "omniglot" in str(file):
+            opened.append(f"open({file})")
+            raise AssertionError(f"the driver process opened {file}")
+        return real_open(file, *args, **kwargs)
+
+    import metalearn.data.omniglot as omniglot
+
+    monkeypatch.setattr(np, "load", refuse("numpy.load"))
+    monkeypatch.setattr(omniglot, "load_omniglot", refuse("load_omniglot"))
+    monkeypatch.setattr(omniglot, "_read", refuse("omniglot._read"))
+    monkeypatch.setattr(builtins, "open", guarded_open)
+
+    received: list[Any] = []
+    real_get = ray.get
+
+    def recording_get(*args: Any, **kwargs: Any) -> Any:
+        value = real_get(*args, **kwargs)
+        received.append(value)
+        return value
+
+    monkeypatch.setattr(ray, "get", recording_get)
+    summary = train_federated(cfg, echo=lambda _: None)
+    monkeypatch.undo()
+
+    assert opened == []
+    assert 0.0 <= summary["accuracy"] <= 1.0  # the meta-test ran, elsewhere
+    assert len(summary["federated"]["personalization"]) == SITES
+    assert received, "the driver received nothing through ray.get"
+    for value in received:
+        assert_no_data(value, shapes)

@@ -1,0 +1,130 @@
+"""The federated entry point end to end, and the errors bad configs get.
+
+The end-to-end test runs ``python -m experiments.federated`` in a subprocess, which starts and
+stops its own embedded Ray cluster, exactly as a user (or ``ray job submit``) would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.cli import CONFIG_DIR, main
+from experiments.config import ConfigError, load_config, parse_config
+from experiments.federated import train_federated
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUND_COLUMNS = {
+    "round", "wall_s", "time_s", "compute_s_max", "compute_s_mean", "overhead_s",
+    "bytes_down", "bytes_up", "participants", "called", "arrived", "late", "failed", "busy",
+    "skipped", "round_tasks", "loss_before", "loss_after",
+    "compute_s.site-0", "compute_s.site-1",
+}
+
+
+def sinusoid_raw(tmp_path: Path, **federated: object) -> dict:
+    return {
+        "name": "fed-cli", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "sinusoid", "shots": 5, "queries": 10},
+        "model": {"name": "sinusoid_mlp", "hidden": 20},
+        "algorithm": {"name": "maml", "inner_lr": 0.01},
+        "train": {"meta_batch": 8, "steps": 3, "checkpoint_every": 2, "log_every": 1},
+        "eval": {"episodes": 20, "steps_list": [0, 1, 5], "batch": 10},
+        "federated": {"topology": {"sites": 2, "devices": 3}, "devices_per_round": 2,
+                      "personalize_episodes": 10, **federated},
+    }
+
+
+@pytest.mark.slow
+def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump(sinusoid_raw(tmp_path)))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.federated", str(path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "round 3/3 arrived 2/2" in proc.stdout
+
+    run = tmp_path / "runs" / "fed-cli"
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert [s["name"] for s in written["federated"]["topology"]["sites"]] == ["site-0", "site-1"]
+
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert set(metrics.columns) >= ROUND_COLUMNS, ROUND_COLUMNS - set(metrics.columns)
+    assert metrics["round"].tolist() == [1, 2, 3]
+    assert (metrics["arrived"] == 2).all() and not metrics["skipped"].any()
+    assert (metrics["round_tasks"] == 8).all()
+    assert (metrics["overhead_s"] >= 0).all()
+    assert (metrics["bytes_up"] == metrics["bytes_down"]).all()  # gradients: params' size
+
+    sites = pd.read_parquet(run / "sites.parquet")
+    assert len(sites) == 6 and set(sites["status"]) == {"ok"}
+    assert (sites["devices"] == 2).all()
+
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003.pt"
+    for png in ("learning_curve.png", "round_times.png", "personalization.png"):
+        assert (run / png).stat().st_size > 1000, png
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"mse", "ci95", "name", "algorithm", "train_steps", "train_time_s",
+            "train_tasks", "federated"} <= set(summary)
+    assert summary["train_steps"] == 3 and summary["train_tasks"] == 24
+    fed = summary["federated"]
+    assert fed["sites"] == ["site-0", "site-1"] and fed["skipped_rounds"] == 0
+    assert {p["site"] for p in fed["personalization"]} == {"site-0", "site-1"}
+    assert all("after_mse" in p for p in fed["personalization"])
+
+
+@pytest.mark.parametrize(
+    ("federated", "message"),
+    [
+        ({"quorum": 3}, "quorum 3 exceeds the 2 sites called per round"),
+        ({"aggregator": {"name": "mode"}}, "unknown aggregator 'mode'"),
+        ({"aggregator": {"name": "trimmed_mean", "trim": 0.7}}, "trim must be in [0, 0.5)"),
+        ({"fail_sites": ["site-9"]}, "fail_sites ['site-9'] are not sites"),
+        ({"topology": "no/such/topology.yaml"}, "topology file 'no/such/topology.yaml'"),
+        ({"topology": {"sites": 0}}, "sites must be a positive integer"),
+        ({"topology": {"sites": [{"name": "Bad Name"}]}}, "federated"),
+        ({"devices_per_round": 5}, "devices_per_round 5 exceeds the 3 devices"),
+        ({"site_fraction": 0}, "federated.site_fraction"),
+        ({"local_stpes": 2}, "federated.local_stpes: unknown key"),
+    ],
+)
+def test_bad_federated_values_name_the_problem(tmp_path: Path, federated: dict,
+                                               message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(sinusoid_raw(tmp_path, **federated))
+    assert message in str(err.value)
+
+
+def test_devices_beyond_tasks_and_missing_section_are_clear_errors(tmp_path: Path) -> None:
+    cfg = parse_config(sinusoid_raw(tmp_path, devices_per_round=3,
+                                    topology={"sites": 4, "devices": 3}))
+    with pytest.raises(ConfigError, match="devices_per_round 3 exceeds the 2 tasks per site"):
+        train_federated(cfg, echo=lambda _: None)
+    raw = sinusoid_raw(tmp_path)
+    del raw["federated"]
+    with pytest.raises(ConfigError, match="no federated section"):
+        train_federated(parse_config(raw), echo=lambda _: None)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(sinusoid_raw(tmp_path, quorum=9)))
+    assert main(["federated", str(path)]) == 2
+    assert "quorum 9 exceeds" in capsys.readouterr().err
+
+
+def test_bundled_federated_configs_validate() -> None:
+    for name in ("federated_omniglot_4sites", "federated_sinusoid"):
+        cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+        assert cfg.federated is not None
+        assert len(cfg.federated.resolved_topology().sites) >= 2
