@@ -65,7 +65,8 @@ class MetaAlgorithm(ABC):
     name: ClassVar[str] = "base"
 
     def __init__(self, model: nn.Module, task_type: TaskType = "classification",
-                 inner_lr: float = 0.4, inner_steps: int = 1, test_steps: int | None = None) -> None:
+                 inner_lr: float = 0.4, inner_steps: int = 1,
+                 test_steps: int | None = None) -> None:
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
         if inner_lr <= 0:

@@ -1,0 +1,73 @@
+"""Meta-learning algorithms behind one interface, built by name from plain config values.
+
+=========  =======================================================================
+name       algorithm
+=========  =======================================================================
+maml       second-order MAML (``impl``: ``func`` fast path or ``higher`` reference)
+fomaml     first-order MAML
+reptile    Reptile (meta-gradient = θ − mean of adapted θ)
+anil       ANIL: only ``head.*`` adapts in the inner loop
+metasgd    Meta-SGD: learned per-element inner learning rates ``lr.<name>``
+protonet   prototypical networks over an embedding model (``ways=0``)
+=========  =======================================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from metalearn.algorithms.anil import ANIL
+from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate, TaskType
+from metalearn.algorithms.maml import FOMAML, MAML
+from metalearn.algorithms.metasgd import MetaSGD
+from metalearn.algorithms.protonet import ProtoNet
+from metalearn.algorithms.reptile import Reptile
+
+ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
+    "maml": MAML,
+    "fomaml": FOMAML,
+    "reptile": Reptile,
+    "anil": ANIL,
+    "metasgd": MetaSGD,
+    "protonet": ProtoNet,
+}
+
+
+def register_algorithm(name: str, cls: type[MetaAlgorithm]) -> None:
+    """Add an algorithm under ``name`` (its ``__init__(model, task_type, **hyper)``)."""
+    if name in ALGORITHMS:
+        raise ValueError(f"algorithm {name!r} is already registered")
+    ALGORITHMS[name] = cls
+
+
+def hyperparameters(name: str) -> list[str]:
+    """The keyword hyperparameters an algorithm accepts (besides ``model``, ``task_type``)."""
+    cls = _lookup(name)
+    sig = inspect.signature(cls.__init__)
+    return [p for p in sig.parameters if p not in ("self", "model", "task_type")]
+
+
+def _lookup(name: str) -> type[MetaAlgorithm]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classification",
+                    **hyper: object) -> MetaAlgorithm:
+    """An algorithm by registry name; unknown names or hyperparameters raise ``ValueError``."""
+    cls = _lookup(name)
+    accepted = hyperparameters(name)
+    unknown = sorted(set(hyper) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for algorithm {name!r}; "
+                         f"it accepts {accepted}")
+    if task_type not in ("classification", "regression"):
+        raise ValueError(f"task_type must be 'classification' or 'regression', not {task_type!r}")
+    return cls(model, task_type, **hyper)  # type: ignore[arg-type]
+
+
+__all__ = ["ALGORITHMS", "ANIL", "FOMAML", "MAML", "MetaAlgorithm", "MetaSGD", "MetaUpdate",
+           "ProtoNet", "Reptile", "build_algorithm", "hyperparameters", "register_algorithm"]
