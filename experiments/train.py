@@ -37,8 +37,9 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
     if cfg.data.dataset == "sinusoid":
         by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
                                      steps_list=cfg.eval.steps_list, batch=cfg.eval.batch)
-        return {"mse": {str(k): v["mse"] for k, v in by_steps.items()},
-                "ci95": {str(k): v["ci95"] for k, v in by_steps.items()},
+        ordered = sorted(by_steps.items())
+        return {"mse": {str(k): v["mse"] for k, v in ordered},
+                "ci95": {str(k): v["ci95"] for k, v in ordered},
                 "episodes": episodes}
     return evaluate(algorithm, params, sampler.sample, episodes, steps=cfg.eval.steps,
                     batch=cfg.eval.batch)
@@ -78,8 +79,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
                                         "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
         log.flush()
 
-    echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} "
-         f"({cfg.data.ways}-way {cfg.data.shots}-shot) for {cfg.train.steps} steps -> {run_dir}")
+    shape = (f"{cfg.data.shots}-shot" if cfg.data.dataset == "sinusoid"
+             else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
+    echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
+         f"for {cfg.train.steps} steps -> {run_dir}")
     budget = cfg.train.time_budget_s
     while step < cfg.train.steps and (budget is None or elapsed < budget):
         t0 = time.perf_counter()
