@@ -9,6 +9,11 @@ TORCH_PIN ?= torch==2.13.0
 DATA_DIR ?= $(abspath ../shared/data)
 export RAY_USAGE_STATS_ENABLED := 0
 export EDGEMETA_DATA_DIR ?= $(DATA_DIR)
+# glibc would unmap freed activations and fault them back in every meta-step (~0.5 s of kernel
+# time per Omniglot step here): keep big blocks mapped (see docs/BENCHMARKS.md).
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
+export MALLOC_TOP_PAD_ ?= 268435456
 
 .PHONY: venv demo test lint bench clean
 
