@@ -65,6 +65,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.launch import run
+
+    return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
+               ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
+               num_replicas=args.replicas, address=args.address,
+               proxy_location=args.proxy_location)
+
+
+def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a cluster or topology problem as one clear line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        from cluster.local import ClusterError
+        from cluster.topology import TopologyError
+
+        try:
+            return fn(args)
+        except (ClusterError, TopologyError) as err:
+            print(f"edgemeta cluster: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _cluster_state_dir(args: argparse.Namespace) -> Path:
+    from cluster.local import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+@_cluster_errors
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from cluster.local import up
+    from cluster.topology import load_topology
+
+    topo = load_topology(args.topology)
+    info = up(topo, _cluster_state_dir(args))
+    print(f"\nLocal cluster up: GCS {info.address}, dashboard {info.dashboard_url}, "
+          f"sites {', '.join(topo.site_names)}")
+    print(f"Token (mode 0600): {info.token_path}\n\nSubmit a job:\n{info.submit_hint()}")
+    print(f"\nOr connect a driver: cluster.connect.connect('auto', topology)"
+          f"\nStop it: edgemeta cluster down"
+          f"{' --state-dir ' + args.state_dir if args.state_dir else ''}")
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from cluster.local import down
+
+    down(_cluster_state_dir(args), grace_s=args.grace)
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from cluster.local import read_state, status
+
+    info = read_state(_cluster_state_dir(args))
+    print(f"cluster {info.address}  dashboard {info.dashboard_url}  state {info.state_dir}")
+    print(f"{'node':<14} {'kind':<5} {'node id':<14} {'alive':<6} {'procs':>5}  resources")
+    for row in status(_cluster_state_dir(args)):
+        alive = "?" if row["alive"] is None else ("yes" if row["alive"] else "no")
+        custom = {k: v for k, v in row["resources"].items() if ":" in k or k == "cloud"}
+        custom = {k: v for k, v in custom.items() if not k.startswith("node:")}
+        cpu = row["resources"].get("CPU")
+        res = " ".join([f"CPU={cpu:g}" if cpu else "", *(f"{k}={v:g}" for k, v in custom.items())])
+        print(f"{row['name']:<14} {row['kind']:<5} {row['node_id'][:12]:<14} {alive:<6} "
+              f"{row['processes']:>5}  {res.strip()}")
+    return 0
+
+
+def cmd_cluster_token(args: argparse.Namespace) -> int:
+    from cluster.auth import write_token_file
+
+    path = write_token_file(args.path)
+    print(f"token in {path} (mode 0600); cluster.yaml's file_mounts copies it to every node")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
