@@ -1,0 +1,417 @@
+"""Serving benchmark: Ray Serve (default proxy, HAProxy ingress) against a bare FastAPI server.
+
+    .venv/bin/python benchmarks/bench_serve.py [--quick] [--channels 64]
+
+One command, one run, one markdown report on stdout:
+
+1. predict latency (p50/p99, one client, one 28×28 image per request) and throughput
+   (32 concurrent clients) over loopback, for a bare FastAPI + uvicorn process holding the same
+   model (the floor: same store, same validation, no Ray), then Serve with its default Python
+   proxy, then Serve with the HAProxy ingress (Ray is restarted in between: the ingress is
+   chosen when Ray starts). The bare server is measured again at the end to show drift.
+2. ``/v1/adapt`` latency, 5-way 1-shot, 1 / 5 / 10 inner steps (a fresh support set every
+   request, so every request runs the inner loop).
+3. multiplexing: predict latency with 4 / 32 / 256 distinct adapted models in rotation, with
+   the replica's LRU holding ``--lru`` of them (beyond that, every request loads from disk).
+
+The load generator is a minimal keep-alive HTTP/1.1 client on raw sockets, so that on a 2-core
+machine the client takes as little CPU from the servers as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serve.schemas import PredictRequest  # module level: FastAPI resolves the annotation here
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- a tiny HTTP client ------------------------------------------------------------------------
+
+def _request(path: str, body: bytes, host: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    """Status and body length; length -1 means a chunked body."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        key = k.strip().lower()
+        if key == b"content-length":
+            length = int(v)
+        elif key == b"transfer-encoding" and b"chunked" in v.lower():
+            length = -1
+    return status, length
+
+
+class SyncHTTP:
+    """One keep-alive connection; returns (status, body)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.reconnects = host, port, 0
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection((self.host, self.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def post(self, path: str, payload: dict[str, Any] | bytes) -> tuple[int, bytes]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        raw = _request(path, body, f"{self.host}:{self.port}")
+        try:
+            return self._exchange(raw)
+        except (ConnectionError, OSError):
+            # An ingress reload may close idle keep-alive connections: reconnect once, as
+            # HTTP clients do.
+            self.reconnects += 1
+            self.close()
+            self._connect()
+            return self._exchange(raw)
+
+    def _exchange(self, raw: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(raw)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        status, length = _parse_head(head)
+        if length >= 0:
+            return status, self._take(length)
+        out = b""
+        while True:
+            size = int(self._line(), 16)
+            out += self._take(size)
+            self._take(2)
+            if size == 0:
+                return status, out
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self.buf += self._recv()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self._recv()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _worker(host: str, port: int, raw: bytes, stop_at: float, codes: dict[int, int]
+                  ) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    done = 0
+    try:
+        while time.perf_counter() < stop_at:
+            writer.write(raw)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()  # closed by an ingress reload: reconnect and go on
+                codes[-1] = codes.get(-1, 0) + 1
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
+            status, length = _parse_head(head[:-4])
+            if length >= 0:
+                await reader.readexactly(length)
+            else:
+                while (size := int(await reader.readuntil(b"\r\n"), 16)) > 0:
+                    await reader.readexactly(size + 2)
+                await reader.readexactly(2)
+            codes[status] = codes.get(status, 0) + 1
+            done += 1
+    finally:
+        writer.close()
+    return done
+
+
+def throughput(host: str, port: int, path: str, payload: dict[str, Any], concurrency: int,
+               seconds: float) -> tuple[float, dict[int, int]]:
+    raw = _request(path, json.dumps(payload).encode(), f"{host}:{port}")
+    codes: dict[int, int] = {}
+
+    async def run() -> int:
+        stop_at = time.perf_counter() + seconds
+        counts = await asyncio.gather(*[_worker(host, port, raw, stop_at, codes)
+                                        for _ in range(concurrency)])
+        return sum(counts)
+
+    t0 = time.perf_counter()
+    n = asyncio.run(run())
+    return n / (time.perf_counter() - t0), codes
+
+
+def latencies(client: SyncHTTP, path: str, payloads: list[Any], n: int,
+              warmup: int = 20) -> list[float]:
+    for i in range(warmup):
+        client.post(path, payloads[i % len(payloads)])
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        status, body = client.post(path, payloads[i % len(payloads)])
+        out.append((time.perf_counter() - t0) * 1e3)
+        if status != 200:
+            raise RuntimeError(f"{path}: HTTP {status}: {body[:300]!r}")
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+# ---- the model and the bare server -------------------------------------------------------------
+
+def make_run(out: Path, channels: int) -> Path:
+    """A run folder with the MAML Omniglot net (5-way), as training would leave it."""
+    from experiments.config import parse_config
+    from experiments.runlog import RunLog
+    from metalearn.checkpoint import save_checkpoint
+    from metalearn.spec import algorithm_from_spec
+
+    cfg = parse_config({"name": "bench", "output_dir": str(out),
+                        "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 15},
+                        "model": {"name": "omniglot_conv", "channels": channels},
+                        "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1,
+                                      "test_steps": 5}})
+    RunLog(cfg.run_dir).write_config(cfg.to_dict())
+    torch.manual_seed(0)
+    save_checkpoint(cfg.run_dir, 1, {"params": algorithm_from_spec(cfg.to_dict()).init_params()})
+    return cfg.run_dir
+
+
+def bare_server(run_dir: str, port: int) -> None:
+    """The floor: FastAPI + uvicorn, same store and validation, compute inline, no Ray."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.models import ModelStore, outputs_to_prediction, predict_one
+
+    torch.set_num_threads(1)
+    store = ModelStore([run_dir], cache_size=16)
+    app = FastAPI()
+
+    @app.post("/v1/models/{model_id}/predict")
+    async def predict(model_id: str, body: PredictRequest) -> dict[str, Any]:
+        model = store.get(model_id)
+        out = predict_one(model, model.spec.inputs(body.inputs, 256))
+        return {"model_id": model_id, "resolved_model_id": model.id,
+                **outputs_to_prediction(model.spec.task_type, out)}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+# ---- measurements ------------------------------------------------------------------------------
+
+def image(seed: int) -> list[list[float]]:
+    """A 28×28 image with 3-decimal pixels (finer than 8-bit grey levels; JSON stays small)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[round(v, 3) for v in row] for row in torch.rand(28, 28, generator=g).tolist()]
+
+
+def measure_predict(port: int, args: argparse.Namespace) -> dict[str, Any]:
+    payloads = [{"inputs": [image(i)]} for i in range(8)]
+    client = SyncHTTP("127.0.0.1", port)
+    lat = latencies(client, "/v1/models/latest/predict", payloads, args.requests)
+    client.close()
+    rps, codes = throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0],
+                            args.concurrency, args.seconds)
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": rps, "codes": codes}
+
+
+def measure_adapt(port: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    client = SyncHTTP("127.0.0.1", port)
+    out: dict[int, dict[str, float]] = {}
+    seed = 1000
+    for steps in (1, 5, 10):
+        lat, inner = [], []
+        for i in range(args.adapt_requests + 3):
+            seed += 1
+            body = {"base_model": "latest", "support_inputs": [image(seed * 10 + k)
+                                                                for k in range(5)],
+                    "support_labels": [0, 1, 2, 3, 4], "steps": steps}
+            t0 = time.perf_counter()
+            status, raw = client.post("/v1/adapt", body)
+            ms = (time.perf_counter() - t0) * 1e3
+            if status != 200:
+                raise RuntimeError(f"/v1/adapt: HTTP {status}: {raw[:300]!r}")
+            if i >= 3:  # warm-up
+                lat.append(ms)
+                inner.append(json.loads(raw)["adapt_ms"])
+        out[steps] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "inner": pct(inner, 50)}
+    client.close()
+    return out
+
+
+def measure_multiplex(port: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    client = SyncHTTP("127.0.0.1", port)
+    out: dict[int, dict[str, float]] = {}
+    for k in (4, 32, 256):
+        ids = []
+        for i in range(k):
+            body = {"base_model": "latest", "support_inputs": [image(50_000 + i * 5 + j)
+                                                                for j in range(5)],
+                    "support_labels": [0, 1, 2, 3, 4], "steps": 1}
+            status, raw = client.post("/v1/adapt", body)
+            if status != 200:
+                raise RuntimeError(f"/v1/adapt: HTTP {status}: {raw[:300]!r}")
+            ids.append(json.loads(raw)["model_id"])
+        payload = {"inputs": [image(7)]}
+        for i in ids:  # one pass so every model exists on disk and the LRU is warm
+            client.post(f"/v1/models/{i}/predict", payload)
+        n = max(args.requests, 2 * k)
+        lat = []
+        for r in range(n):
+            t0 = time.perf_counter()
+            status, raw = client.post(f"/v1/models/{ids[r % k]}/predict", payload)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            if status != 200:
+                raise RuntimeError(f"predict: HTTP {status}: {raw[:300]!r}")
+        out[k] = {"p50": pct(lat, 50), "p99": pct(lat, 99)}
+    client.close()
+    return out
+
+
+def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace,
+                extras: bool) -> dict[str, Any]:
+    from serve.launch import start
+
+    t0 = time.perf_counter()
+    served = start({"run_dirs": [str(run_dir)], "max_models_per_replica": args.lru,
+                    "num_cpus": 1, "max_ongoing_requests": 64, "batch_max_size": 32},
+                   port=port, ingress=ingress, num_cpus=2,  # type: ignore[arg-type]
+                   ray_init={"log_to_driver": False})  # the client must not print replica logs
+    up = time.perf_counter() - t0
+    try:
+        result: dict[str, Any] = {"startup_s": up, **measure_predict(port, args)}
+        if extras:
+            result["adapt"] = measure_adapt(port, args)
+            result["multiplex"] = measure_multiplex(port, args)
+    finally:
+        served.stop()
+    return result
+
+
+def bare_phase(run_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(run_dir),
+                             "--port", str(port)], env=env)
+    try:
+        wait_port(port)
+        return measure_predict(port, args)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
+           args: argparse.Namespace) -> str:
+    floor = {k: statistics.mean(b[k] for b in bare) for k in ("p50", "p99", "rps")}
+    lines = [f"Predict, one 28×28 image (3-decimal pixels) per request, MAML Omniglot net "
+             f"({args.channels} channels),"
+             f" loopback, {os.cpu_count()} cores; latency over {args.requests} sequential "
+             f"requests, throughput with {args.concurrency} concurrent keep-alive clients for "
+             f"{args.seconds:.0f} s.", "",
+             "| server | p50 ms | p99 ms | req/s @" + str(args.concurrency)
+             + " | p50 vs bare (≤2×) | p99 vs bare (≤3×) | req/s vs bare (≥1×) |",
+             "|---|---|---|---|---|---|---|"]
+    for i, b in enumerate(bare):
+        lines.append(f"| bare FastAPI + uvicorn ({'before' if i == 0 else 'after'}) | "
+                     f"{b['p50']:.2f} | {b['p99']:.2f} | {b['rps']:.0f} | | | |")
+    names = {"proxy": "Ray Serve, default proxy", "haproxy": "Ray Serve, HAProxy ingress"}
+    for ingress, r in serve.items():
+        lines.append(f"| {names[ingress]} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | "
+                     f"{r['p50'] / floor['p50']:.2f}× | {r['p99'] / floor['p99']:.2f}× | "
+                     f"{r['rps'] / floor['rps']:.2f}× |")
+    non200 = {k: {c: n for c, n in r["codes"].items() if c != 200} for k, r in serve.items()}
+    lines += ["", f"Non-200 answers under load (-1: keep-alive connection closed by the "
+              f"ingress, client reconnected): {non200}; Serve start-up: "
+              + ", ".join(f"{k} {r['startup_s']:.1f} s" for k, r in serve.items())]
+    extra = next((r for r in serve.values() if "adapt" in r), None)
+    if extra:
+        lines += ["", "`/v1/adapt`, 5-way 1-shot, a new support set each request "
+                  f"({args.adapt_requests} requests per row; target p50 < 25 ms at 5 steps):", "",
+                  "| steps | p50 ms | p99 ms | inner loop p50 ms |", "|---|---|---|---|"]
+        for steps, a in extra["adapt"].items():
+            lines.append(f"| {steps} | {a['p50']:.2f} | {a['p99']:.2f} | {a['inner']:.2f} |")
+        lines += ["", f"Multiplexing: predict with adapted models in rotation, replica LRU of "
+                  f"{args.lru} models (beyond it each request loads from the run folder):", "",
+                  "| distinct models | p50 ms | p99 ms |", "|---|---|---|"]
+        for k, m in extra["multiplex"].items():
+            lines.append(f"| {k} | {m['p50']:.2f} | {m['p99']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer requests, shorter load")
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--lru", type=int, default=16, help="max_models_per_replica")
+    p.add_argument("--port", type=int, default=8151)
+    p.add_argument("--ingress", choices=["both", "proxy", "haproxy"], default="both")
+    p.add_argument("--bare-server", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.bare_server:
+        bare_server(args.bare_server, args.port)
+        return 0
+    args.requests = 150 if args.quick else 400
+    args.seconds = 4.0 if args.quick else 10.0
+    args.adapt_requests = 20 if args.quick else 50
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    run_dir = make_run(Path(tempfile.mkdtemp(prefix="bench-serve-")), args.channels)
+    ingresses = ["proxy", "haproxy"] if args.ingress == "both" else [args.ingress]
+    bare = [bare_phase(run_dir, args.port + 1, args)]
+    serve: dict[str, dict[str, Any]] = {}
+    for ingress in ingresses:
+        serve[ingress] = serve_phase(run_dir, ingress, args.port, args,
+                                     extras=ingress == ingresses[-1])
+        print(f"[{ingress} done]", file=sys.stderr, flush=True)
+    bare.append(bare_phase(run_dir, args.port + 1, args))
+    print(report(bare, serve, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

