@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,9 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[
     _banner(echo, f"1/4 local multi-node Ray cluster: cloud + {len(topology.sites)} sites")
     from serve.launch import ingress_env
 
-    info = local.up(topology, state_dir, env=ingress_env("haproxy", state_dir / "haproxy"))
+    # HAProxy's admin socket path must stay under 97 characters: keep its folder short.
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="emh-"))
+    info = local.up(topology, state_dir, env=ingress_env("haproxy", haproxy_dir))
     saved = {k: os.environ.get(k) for k in info.auth_env()}
     os.environ.update(info.auth_env())
     try:
@@ -51,6 +55,7 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[
     finally:
         _banner(echo, "4/4 stopping the cluster")
         local.down(state_dir)
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -62,4 +67,48 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[
 
 def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any]:
     """Deploy the run on the cluster, predict, adapt to unseen characters, predict again."""
-    raise NotImplementedError  # filled in with the serving issue
+    import ray
+
+    from experiments.runlog import read_run_config
+    from metalearn.spec import sampler_from_spec
+    from serve.client import EdgeMetaClient
+    from serve.launch import free_port, start
+
+    try:
+        served = start({"run_dirs": [str(run_dir.resolve())]}, port=free_port(),
+                       address=address, ingress="haproxy")
+    except BaseException:
+        ray.shutdown()
+        raise
+    try:
+        echo(f"serving {run_dir} at {served.url} (ingress {served.ingress}, docs at /docs)")
+        with EdgeMetaClient(served.url) as client:
+            versions = client.models()
+            echo(f"GET /v1/models -> {len(versions.get('versions', versions))} entries")
+            # A new site: 5 characters of the meta-test alphabets, one labelled drawing each.
+            sampler = sampler_from_spec(read_run_config(run_dir)["data"], "test", seed=2026)
+            task = sampler.sample(1)[0]
+            latencies = []
+            for image in task.query_x[:20]:
+                t0 = time.perf_counter()
+                client.predict("latest", image[None])
+                latencies.append(1000 * (time.perf_counter() - t0))
+            latencies.sort()
+            echo(f"POST /v1/models/latest/predict x{len(latencies)}: "
+                 f"p50 {latencies[len(latencies) // 2]:.1f} ms")
+            adapted = client.adapt(task.support_x, task.support_y, query_inputs=task.query_x)
+            labels = adapted["predictions"]["labels"]
+            truth = task.query_y.tolist()
+            accuracy = sum(int(a == b) for a, b in zip(labels, truth, strict=True)) / len(truth)
+            echo(f"POST /v1/adapt on 5 unseen characters (1 shot each) -> {adapted['model_id']} "
+                 f"in {adapted.get('adapt_ms', float('nan')):.0f} ms; "
+                 f"accuracy on their {len(truth)} query drawings: {100 * accuracy:.0f}%")
+            again = client.predict(adapted["model_id"], task.query_x)
+            same = again["labels"] == labels
+            echo(f"POST /v1/models/{adapted['model_id']}/predict -> same labels: {same}")
+        return {"url": served.url, "predict_p50_ms": latencies[len(latencies) // 2],
+                "adapted_model": adapted["model_id"], "adapted_accuracy": accuracy,
+                "adapted_predict_consistent": same}
+    finally:
+        served.stop()
+        ray.shutdown()
