@@ -60,7 +60,10 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
         _saved_env = auth.apply_to_process(changes)
         resources = topology.embedded_resources() if topology else {CLOUD_RESOURCE: 1000.0}
         try:
-            ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources,
+            # "local", never None: with no address ray.init joins whatever cluster
+            # /tmp/ray/ray_current_cluster names (another `ray start` on this host).
+            ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                           resources=resources,
                            include_dashboard=False, namespace=namespace,
                            logging_level=logging.WARNING, log_to_driver=log_to_driver)
         except BaseException:
