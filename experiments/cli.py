@@ -50,10 +50,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from metalearn.data.fetch import fetch_omniglot
+    from metalearn.data.fetch import FetchError, fetch_omniglot
 
     dest = args.dest or os.environ.get("EDGEMETA_DATA_DIR")
-    path = fetch_omniglot(dest) if dest else fetch_omniglot()
+    try:
+        path = fetch_omniglot(dest) if dest else fetch_omniglot()
+    except FetchError as err:
+        print(f"edgemeta data fetch: error: {err}", file=sys.stderr)
+        return 2
     print(f"omniglot ready at {path}")
     return 0
 
