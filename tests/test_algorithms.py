@@ -21,14 +21,7 @@ from metalearn.tasks import TaskBatch
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not collapse (40× was
-    seen) when other processes oversubscribe the cores and OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Linear(nn.Module):

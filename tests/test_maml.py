@@ -24,14 +24,7 @@ from metalearn.tasks import TaskBatch
 ATOL = 1e-8  # float64; the brief's bar is 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not collapse (40× was
-    seen) when other processes oversubscribe the cores and OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def omniglot_batch(tasks: int = 3, ways: int = 5, shots: int = 1, queries: int = 2,

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from helpers import train_tiny_run
 
 from cluster.topology import ACTOR_RESOURCE_REQUEST, SITE_RESOURCE_QUANTITY, site_resource
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
@@ -25,28 +26,6 @@ from serve.client import EdgeMetaClient
 
 PORT = 8131
 SITE = "site-a"
-
-
-def _train(out: Path, name: str, dataset: str) -> Path:
-    from experiments.config import parse_config
-    from experiments.train import train
-
-    raw: dict[str, Any] = {"name": name, "output_dir": str(out), "seed": 0,
-                           "train": {"steps": 2, "meta_batch": 2, "checkpoint_every": 1,
-                                     "log_every": 1},
-                           "eval": {"episodes": 5, "batch": 5}}
-    if dataset == "omniglot":
-        raw |= {"data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 3},
-                "model": {"name": "omniglot_conv", "channels": 8},
-                "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1,
-                              "test_steps": 3}}
-    else:
-        raw |= {"data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
-                "model": {"name": "sinusoid_mlp"},
-                "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
-                "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}
-    train(parse_config(raw), echo=lambda _: None)
-    return out / name
 
 
 class Served:
@@ -61,7 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from serve.launch import start
 
     out = tmp_path_factory.mktemp("runs")
-    omni, sine = _train(out, "omni", "omniglot"), _train(out, "sine", "sinusoid")
+    omni, sine = train_tiny_run(out, "omni", "omniglot"), train_tiny_run(out, "sine", "sinusoid")
     (omni / "adapted").mkdir(exist_ok=True)
     params = load_checkpoint(omni, 1)["params"]
     torch.save({"params": params}, omni / "adapted" / f"site-{SITE}.pt")  # as the driver would

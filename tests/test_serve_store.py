@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_tiny_run
 
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.spec import algorithm_from_spec
@@ -22,31 +23,10 @@ from serve.models import (
 )
 
 
-def _train(out: Path, name: str, dataset: str) -> Path:
-    from experiments.config import parse_config
-    from experiments.train import train
-
-    raw: dict = {"name": name, "output_dir": str(out), "seed": 0,
-                 "train": {"steps": 2, "meta_batch": 2, "checkpoint_every": 1, "log_every": 1},
-                 "eval": {"episodes": 5, "batch": 5}}
-    if dataset == "omniglot":
-        raw |= {"data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 3},
-                "model": {"name": "omniglot_conv", "channels": 8},
-                "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1,
-                              "test_steps": 3}}
-    else:
-        raw |= {"data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
-                "model": {"name": "sinusoid_mlp"},
-                "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
-                "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}
-    train(parse_config(raw), echo=lambda _: None)
-    return out / name
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("runs")
-    return _train(out, "omni", "omniglot"), _train(out, "sine", "sinusoid")
+    return train_tiny_run(out, "omni", "omniglot"), train_tiny_run(out, "sine", "sinusoid")
 
 
 @pytest.fixture()
