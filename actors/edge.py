@@ -2,8 +2,9 @@
 
 The cloud sends a partition (character ids or an amplitude range), never examples; the actor
 loads its data itself, inside its own process on its own node. What it sends back is the
-update of :func:`metalearn.federated.local_update` (parameter-shaped tensors), task counts,
-scalar metrics and timings. Raw examples never leave the actor.
+update of :func:`metalearn.federated.local_update` as one flat float32 vector of exactly the
+model's parameter count (:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and
+timings. Raw examples never leave the actor.
 
 Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
 (see :class:`metalearn.federated.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
@@ -22,12 +23,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from cluster.topology import ACTOR_RESOURCE_REQUEST, SiteSpec, site_resource
 from metalearn.federated import SiteTasks, local_update, site_seed
-from metalearn.params import Params
+from metalearn.params import FlatLayout, Params
 from metalearn.spec import algorithm_from_spec
 
 _POLL_S = 0.02  # how often an injected delay looks for a cancellation
@@ -73,6 +75,7 @@ class EdgeNode:
         self.fail = bool(fail)
         torch.manual_seed(site_seed(seed, site, 99))  # the model's own init is never used
         self.algorithm = algorithm_from_spec(self.config)
+        self.layout = FlatLayout.of(self.algorithm.init_params())
         self.tasks = SiteTasks(self.config["data"], plan, devices=devices, seed=seed)
         self.rounds_done = 0
         self.last_round = 0
@@ -95,19 +98,22 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ rounds
 
-    def round(self, params: Params, round_idx: int,
+    def round(self, params: np.ndarray | Params, round_idx: int,
               device_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
-        Returns only parameter-shaped tensors (``tensors``), counts, scalar metrics, timings,
-        the site's name and the device ids: nothing derived row by row from the data.
+        ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
+        as a dict. Returns the update flat (``update``, the parameters' size), counts, scalar
+        metrics, timings, the site's name and the device ids: nothing derived row by row
+        from the data.
         """
         t0 = time.perf_counter()
         if self.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
         devices = (list(range(self.tasks.devices)) if device_ids is None
                    else sorted(int(d) for d in device_ids))
-        params = {k: v.detach().clone() for k, v in params.items()}
+        params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
+                  else {k: v.detach().clone() for k, v in params.items()})
         sample = self.tasks.round_sampler(devices, round_idx)
         update = local_update(self.algorithm, params, sample, self.tasks_per_round,
                               self.local_steps, self.local_lr, self.local_optimizer)
@@ -118,7 +124,7 @@ class EdgeNode:
             "site": self.site,
             "round": int(round_idx),
             "kind": update.kind,
-            "tensors": {k: v.detach().contiguous() for k, v in update.tensors.items()},
+            "update": self.layout.pack(update.tensors),
             "num_tasks": int(update.num_tasks),
             "metrics": {k: float(v) for k, v in update.metrics.items()},
             "compute_s": time.perf_counter() - t0,

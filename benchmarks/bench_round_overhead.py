@@ -91,7 +91,7 @@ def run_flower(mode: str, *, clients: int, rounds: int, work_s: float | None = N
 
 def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
                  sampled: int | None = None, sites: int = 4, dataset: str | None = None,
-                 out_dir: Path | None = None) -> dict[str, Any]:
+                 queries: int = 15, out_dir: Path | None = None) -> dict[str, Any]:
     """THE EDGEMETA SIDE: the same benchmark through ``experiments.federated.train_federated``.
 
     Must return at least ``{"median_overhead_s", "p90_overhead_s", "median_wall_s", "rounds",
@@ -108,6 +108,11 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
     113k-parameter strided conv net as Flower's clients, so the payload matches; ``sinusoid``
     (default for ``scale``: thousands of devices need no character partition, and compute stays
     small) ships the 1.8k-parameter MLP, so its payload is far smaller (reported, not hidden).
+
+    ``queries``: query examples per class of each site's one Omniglot task. Unlike Flower's
+    clients, which only sleep, each site also runs a real second-order MAML step; on two cores
+    four such steps contend for the CPU and delay each other's start, which the overhead
+    metric counts. A small ``queries`` keeps the step (and so that contention) small.
     """
     import tempfile
 
@@ -145,7 +150,7 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
         dataset = "omniglot" if mode == "overhead" and _omniglot_found() else "sinusoid"
     if dataset == "omniglot":  # the MAML paper's 5-way 1-shot net, as in flower_rounds.py
         task: dict[str, Any] = {
-            "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 15},
+            "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": queries},
             "model": {"name": "omniglot_conv", "channels": 64, "pooling": "stride"},
             "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "test_steps": 1},
             "eval": {"episodes": 1, "batch": 1},

@@ -59,7 +59,7 @@ from metalearn.aggregation import Aggregator, build_aggregator
 from metalearn.algorithms.base import MetaUpdate
 from metalearn.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from metalearn.outer import OuterOptimizer
-from metalearn.params import Params, num_bytes
+from metalearn.params import FlatLayout, Params, num_bytes
 
 Printer = Callable[[str], None]
 SITES_FILE = "sites.parquet"
@@ -186,8 +186,9 @@ class Federation:
     answers, the site is called again.
     """
 
-    def __init__(self, edges: Mapping[str, Any]) -> None:
+    def __init__(self, edges: Mapping[str, Any], layout: FlatLayout) -> None:
         self.edges = dict(edges)
+        self.layout = layout  # how the sites' flat updates unpack into parameter dicts
         self.pending: dict[str, tuple[int, Any]] = {}  # site -> (round, ref) of a late call
         self.probes: dict[str, tuple[int, Any]] = {}  # site -> (round it went down, info ref)
 
@@ -251,11 +252,11 @@ class Federation:
             if res["round"] != round_idx:  # cannot happen by construction; never apply it
                 out.sites.append({**row, "status": "stale", "error": f"round {res['round']}"})
                 continue
-            out.updates.append(MetaUpdate(res["kind"], res["tensors"], res["num_tasks"],
-                                          res["metrics"]))
+            out.updates.append(MetaUpdate(res["kind"], self.layout.unpack(res["update"]),
+                                          res["num_tasks"], res["metrics"]))
             out.sites.append({**row, "status": "ok", "compute_s": res["compute_s"],
                               "num_tasks": res["num_tasks"],
-                              "bytes_up": num_bytes(res["tensors"]), **res["metrics"]})
+                              "bytes_up": int(res["update"].nbytes), **res["metrics"]})
         out.wall_s = time.perf_counter() - t0
         out.sites.sort(key=lambda row: row["site"])
         return out
@@ -276,22 +277,26 @@ def sampler_states(federation: Federation, timeout_s: float = 5.0) -> dict[str, 
 
 
 def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
-              site_names: Sequence[str]) -> dict[str, Any]:
+              site_names: Sequence[str], wall_s: float | None = None) -> dict[str, Any]:
     """The per-round metrics row: timings, traffic, who arrived, task-weighted metrics.
 
     ``participants`` counts the sites chosen for the round, ``called`` those actually sent
     the parameters (not a site still busy with a late call, nor one that is down).
-    ``overhead_s`` is the round's wall time beyond its slowest arrived site's compute:
-    scheduling, transfers, aggregation, and any wait for sites that turned out late.
+    ``wall_s`` is the whole round as the driver lives it, from packing the parameters to the
+    end of the outer step (default: the calls alone, ``calls_s``); ``overhead_s`` is that
+    beyond the slowest arrived site's compute: packing and ``ray.put``, dispatch, transfers,
+    reading the results, aggregation, the outer step, and any wait for sites that turned out
+    late.
     """
+    wall_s = outcome.wall_s if wall_s is None else wall_s
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
     called = len(outcome.sites) - outcome.count("busy") - outcome.count("down")
     row: dict[str, Any] = {
-        "round": round_idx, "step": round_idx, "wall_s": outcome.wall_s,
+        "round": round_idx, "step": round_idx, "wall_s": wall_s, "calls_s": outcome.wall_s,
         "compute_s_max": max(compute, default=float("nan")),
         "compute_s_mean": float(np.mean(compute)) if compute else float("nan"),
-        "overhead_s": outcome.wall_s - max(compute, default=0.0),
+        "overhead_s": wall_s - max(compute, default=0.0),
         "bytes_down": param_bytes * called, "bytes_up": sum(s["bytes_up"] for s in ok),
         "participants": len(outcome.sites), "called": called, "arrived": len(ok),
         "late": outcome.count("late"), "failed": outcome.count("failed"),
@@ -380,7 +385,8 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
 
         plans = plan_partitions(spec["data"], topology, cfg.seed, fed.holdout_fraction)
         edges.update(start_edges(topology, spec, plans, devices, per_site, echo))
-        federation = Federation(edges)
+        layout = FlatLayout.of(outer.params)
+        federation = Federation(edges, layout)
 
         round_idx, elapsed, missed = 0, 0.0, 0
         if resume and (run_dir / "checkpoints" / "latest").exists():
@@ -412,15 +418,16 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         while round_idx < rounds and (budget is None or elapsed < budget):
             t0 = time.perf_counter()
             round_idx += 1
-            params_ref = ray.put(outer.params)
+            params_ref = ray.put(layout.pack(outer.params))  # one flat vector, read in place
             participants = choose_participants(site_names, devices, fed, cfg.seed, round_idx)
             outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
-            row = round_row(round_idx, outcome, param_bytes, site_names)
             if len(outcome.updates) >= fed.quorum:
                 outer.step(aggregator.aggregate(outcome.updates), outcome.updates[0].kind)
                 missed = 0
             else:
                 missed += 1
+            row = round_row(round_idx, outcome, param_bytes, site_names,
+                            wall_s=time.perf_counter() - t0)
             row["skipped"] = len(outcome.updates) < fed.quorum
             elapsed += time.perf_counter() - t0
             row["time_s"] = elapsed

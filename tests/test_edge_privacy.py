@@ -2,8 +2,9 @@
 
 Two checks on a real (embedded) Ray cluster with Omniglot:
 
-* everything an edge actor returns is a parameter-shaped tensor, or a scalar / string / list of
-  those (ids, names), never an image or a label array;
+* everything an edge actor returns is a parameter-shaped tensor, the flat update vector of
+  exactly the model's parameter count, or a scalar / string / list of those (ids, names),
+  never an image or a label array;
 * the driver process never opens the data file: while the driver trains, ``numpy.load``,
   ``load_omniglot`` and ``open`` of the npz raise in this process (the actors, planning and
   meta-test tasks run in other processes and load it there), and every value ``ray.get``
@@ -26,6 +27,7 @@ from cluster.topology import uniform_topology
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from metalearn.federated import plan_sites
+from metalearn.params import FlatLayout
 from metalearn.spec import algorithm_from_spec
 
 SITES = 2
@@ -54,8 +56,9 @@ def config(tmp_path: Path) -> ExperimentConfig:
 
 
 def param_shapes(cfg: ExperimentConfig) -> set[tuple[int, ...]]:
+    """Each parameter's shape, and the flat vector of all of them (the wire format)."""
     params = algorithm_from_spec(cfg.to_dict()).init_params()
-    return {tuple(v.shape) for v in params.values()}
+    return {tuple(v.shape) for v in params.values()} | {(FlatLayout.of(params).numel,)}
 
 
 def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
@@ -69,7 +72,7 @@ def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
 
 def assert_no_data(value: Any, shapes: set[tuple[int, ...]]) -> None:
     for path, leaf in leaves(value):
-        if isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, torch.Tensor | np.ndarray):
             assert tuple(leaf.shape) in shapes, f"{path}: tensor {tuple(leaf.shape)} is not " \
                                                 "shaped like a parameter"
         else:
@@ -88,11 +91,12 @@ def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
     edge = spawn_edge(topology.sites[0], spec, plan, devices=2, seed=1, tasks_per_round=3)
     try:
         params = algorithm_from_spec(spec).init_params()
-        result = ray.get(edge.round.remote(ray.put(params), 1, [0, 1]))
-        assert set(result) == {"site", "round", "kind", "tensors", "num_tasks", "metrics",
+        layout = FlatLayout.of(params)
+        result = ray.get(edge.round.remote(ray.put(layout.pack(params)), 1, [0, 1]))
+        assert set(result) == {"site", "round", "kind", "update", "num_tasks", "metrics",
                                "compute_s", "device_ids"}
-        assert {k: tuple(v.shape) for k, v in result["tensors"].items()} == \
-            {k: tuple(v.shape) for k, v in params.items()}
+        assert result["update"].shape == (layout.numel,)
+        assert result["update"].dtype == np.float32
         assert result["num_tasks"] == 3 and result["device_ids"] == [0, 1]
         assert all(isinstance(v, float) for v in result["metrics"].values())
         shapes = param_shapes(cfg)

@@ -23,7 +23,7 @@ from experiments.federated import train_federated
 ROOT = Path(__file__).resolve().parents[1]
 
 ROUND_COLUMNS = {
-    "round", "wall_s", "time_s", "compute_s_max", "compute_s_mean", "overhead_s",
+    "round", "wall_s", "calls_s", "time_s", "compute_s_max", "compute_s_mean", "overhead_s",
     "bytes_down", "bytes_up", "participants", "called", "arrived", "late", "failed", "busy",
     "skipped", "round_tasks", "loss_before", "loss_after",
     "compute_s.site-0", "compute_s.site-1",
@@ -63,6 +63,7 @@ def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
     assert (metrics["arrived"] == 2).all() and not metrics["skipped"].any()
     assert (metrics["round_tasks"] == 8).all()
     assert (metrics["overhead_s"] >= 0).all()
+    assert (metrics["wall_s"] >= metrics["calls_s"]).all()  # the round holds its calls
     assert (metrics["bytes_up"] == metrics["bytes_down"]).all()  # gradients: params' size
 
     sites = pd.read_parquet(run / "sites.parquet")
