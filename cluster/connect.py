@@ -29,6 +29,13 @@ from cluster.topology import CLOUD_RESOURCE, Topology, site_resource
 
 _saved_env: dict[str, str | None] | None = None
 
+#: Ray settings that every edgemeta cluster starts with: the embedded one here, the local
+#: launcher's head (``--system-config``) and ``cluster.yaml``'s head. Why: a site's update is
+#: parameter-sized (450 KB for the Omniglot conv net), over Ray's 100 KB default for returning
+#: a value inside the call's reply; inline, it skips a put into the site node's object store
+#: and the driver's pull from it, a few ms of a 4-site round here (docs/BENCHMARKS.md).
+RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 2 * 1024 * 1024}
+
 
 class SiteNodesError(RuntimeError):
     """Some sites of the topology have no alive node advertising their resource."""
@@ -65,6 +72,7 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
             ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            resources=resources,
                            include_dashboard=False, namespace=namespace,
+                           _system_config=RAY_SYSTEM_CONFIG,
                            logging_level=logging.WARNING, log_to_driver=log_to_driver)
         except BaseException:
             _restore_env()

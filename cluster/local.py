@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import auth, procs
+from cluster.connect import RAY_SYSTEM_CONFIG
 from cluster.topology import (
     CLOUD_RESOURCE,
     SITE_RESOURCE_QUANTITY,
@@ -405,7 +406,8 @@ def _start_command(info: ClusterInfo, name: str, client_port: int | None,
     if name == HEAD:
         cmd += ["--head", f"--port={topo.head_port}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={topo.dashboard_port}", "--include-dashboard=true",
-                f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
+                f"--ray-client-server-port={client_port}", "--disable-usage-stats",
+                f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"]
         if autoscaling is not None:
             cmd += [f"--autoscaling-config={autoscaling}"]
     else:

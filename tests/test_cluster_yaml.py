@@ -164,3 +164,15 @@ def _assert_no_processes(info: local.ClusterInfo) -> None:
         time.sleep(0.5)
     assert not left, [(p.pid, p.comm) for p in left]
     assert not Path(info.temp_root).exists()
+
+
+def test_head_starts_with_the_same_ray_system_config_as_local_clusters(cfg: dict) -> None:
+    import json
+    import re
+
+    from cluster.connect import RAY_SYSTEM_CONFIG
+
+    head = " ".join(cfg["head_start_ray_commands"])
+    found = re.search(r"--system-config='([^']*)'", head)
+    assert found, "cluster.yaml's head `ray start` sets no --system-config"
+    assert json.loads(found.group(1)) == RAY_SYSTEM_CONFIG
