@@ -127,8 +127,7 @@ class OmniglotEpisodes:
         """Images of ``rows`` ``[B, ways, n]``, class ``[b, w]`` turned ``turns[b, w]`` times,
         as ``[B, ways * n, 1, 28, 28]``: one index_select, then one rot90 per quarter turn."""
         batch, ways, n = rows.shape
-        flat = self.data.images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-        images = flat.index_select(0, rows.reshape(-1))
+        images = self.data.drawings(rows)
         if self._turns > 1:
             row_turns = turns.repeat_interleave(n)
             for k in (1, 2, 3):

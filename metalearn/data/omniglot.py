@@ -88,12 +88,15 @@ def find_omniglot(path: str | Path | None = None) -> Path:
 class OmniglotData:
     """All characters' drawings plus the metadata the standard splits and partitions need.
 
-    ``images[c, d]`` is drawing ``d`` of character ``c`` (float32, ink = 1.0, paper = 0.0).
-    ``char_alphabet`` indexes ``alphabet_names``; ``char_vinyals_split`` is 0 = train,
-    1 = val, 2 = test (-1 where unknown, e.g. a file converted from a partial zip set).
+    ``pixels[c, d]`` is drawing ``d`` of character ``c`` as stored (uint8, ink = 255); samplers
+    convert only the drawings they pick (:meth:`drawings`). Kept as uint8 because every process
+    that samples (each edge actor, a serving replica, a meta-test task) holds its own copy:
+    float32 would cost 102 MB more in each. ``char_alphabet`` indexes ``alphabet_names``;
+    ``char_vinyals_split`` is 0 = train, 1 = val, 2 = test (-1 where unknown, e.g. a file
+    converted from a partial zip set).
     """
 
-    images: torch.Tensor
+    pixels: torch.Tensor
     char_alphabet: np.ndarray
     char_split: np.ndarray
     char_vinyals_split: np.ndarray
@@ -104,7 +107,22 @@ class OmniglotData:
 
     @property
     def num_characters(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.pixels.shape[0])
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every drawing as float32 in [0, 1], ``[chars, 20, 28, 28]`` (a full copy: 102 MB)."""
+        return to_float(self.pixels)
+
+    def drawings(self, rows: torch.Tensor) -> torch.Tensor:
+        """Drawings by flat row (``character * 20 + drawer``) as float32 ``[n, 28, 28]``."""
+        flat = self.pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        return to_float(flat.index_select(0, rows.reshape(-1)))
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ink (255) to float32 ink (1.0): the one conversion every path uses."""
+    return pixels.float().div_(255.0)
 
 
 _cache: dict[tuple[Path, int, int, str], OmniglotData] = {}
@@ -157,7 +175,7 @@ def _read(path: Path, variant: Variant) -> OmniglotData:
         raise _malformed(path, "'char_alphabet' points outside 'alphabet_names'")
     tensor = torch.from_numpy(images).reshape(chars, DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
     return OmniglotData(
-        images=tensor.float().div_(255.0),
+        pixels=tensor,
         char_alphabet=alphabet,
         char_split=arrays["char_split"].astype(np.int64),
         char_vinyals_split=arrays["char_vinyals_split"].astype(np.int64),
