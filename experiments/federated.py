@@ -460,11 +460,12 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
                 return {"name": cfg.name, "stopped_after_round": round_idx}
         checkpoint()
 
-        echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
         params = outer.params
+        personal = personalize_sites(edges, params, fed.personalize_episodes, echo)
+        release_edges(edges)  # the sites' work is done: free them before the meta-test starts
+        echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
         result = ray.get(_cloud_task(_meta_test_task, topology).remote(
             cfg, params, cfg.eval.episodes))
-        personal = personalize_sites(edges, params, fed.personalize_episodes, echo)
         summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                    "train_steps": round_idx, "train_time_s": round(elapsed, 2),
                    "train_tasks": int(sum(r.get("round_tasks", 0) for r in log.rows)),
@@ -475,12 +476,19 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"{cfg.name}: {_headline(result)} after {round_idx} rounds ({elapsed:.0f} s)")
         return summary
     finally:
-        for actor in edges.values():
-            ray.kill(actor)
+        release_edges(edges)
         if started:
             from cluster.connect import shutdown
 
             shutdown()
+
+
+def release_edges(edges: dict[str, Any]) -> None:
+    """Kill the edge actors (their processes and memory go at once) and forget them."""
+    for actor in edges.values():
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+    edges.clear()
 
 
 def start_edges(topology: Topology, spec: dict[str, Any], plans: Mapping[str, dict],
