@@ -57,7 +57,7 @@ from experiments.runlog import RunLog
 from experiments.train import _headline
 from metalearn.aggregation import Aggregator, build_aggregator
 from metalearn.algorithms.base import MetaUpdate
-from metalearn.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import atomic_write_bytes, resume_from_latest, save_checkpoint
 from metalearn.outer import OuterOptimizer
 from metalearn.params import FlatLayout, Params, num_bytes
 
@@ -393,12 +393,10 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         federation = Federation(edges, layout)
 
         round_idx, elapsed, missed = 0, 0.0, 0
-        if resume and (run_dir / "checkpoints" / "latest").exists():
-            state = load_checkpoint(run_dir)
-            outer.load_state_dict(state["outer"])
+        state = resume_from_latest(run_dir, outer) if resume else None
+        if state is not None:
             aggregator.load_state_dict(state["aggregator"])
-            torch.set_rng_state(state["torch_rng"])
-            round_idx, elapsed = int(state["step"]), float(state["elapsed_s"])
+            round_idx, elapsed = state["step"], state["elapsed_s"]
             missed = int(state["missed"])
             ray.get([edges[s].load_sampler_state.remote(state["sites"][s])
                      for s in site_names if s in state["sites"]])

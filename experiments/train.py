@@ -18,7 +18,7 @@ import torch
 from experiments.config import ExperimentConfig
 from experiments.runlog import RunLog
 from metalearn.algorithms.base import MetaAlgorithm
-from metalearn.checkpoint import load_checkpoint, save_checkpoint
+from metalearn.checkpoint import load_checkpoint, resume_from_latest, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
@@ -64,12 +64,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
                            kind=cfg.train.outer_optimizer)
     sampler = sampler_from_spec(spec["data"], "train", seed=cfg.seed)
     step, elapsed = 0, 0.0
-    if resume and (run_dir / "checkpoints" / "latest").exists():
-        state = load_checkpoint(run_dir)
-        outer.load_state_dict(state["outer"])
+    state = resume_from_latest(run_dir, outer) if resume else None
+    if state is not None:
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        step, elapsed = state["step"], state["elapsed_s"]
         log.truncate_to(step)
         echo(f"resuming {run_dir} from step {step}")
 

@@ -87,3 +87,20 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None) -> dict[str, A
             f"no checkpoint for step {step} in {checkpoint_dir(run_dir)}; "
             f"available: {list_checkpoints(run_dir)}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_from_latest(run_dir: str | Path, outer: Any) -> dict[str, Any] | None:
+    """Restore ``outer`` (an :class:`~metalearn.outer.OuterOptimizer`) and torch's RNG from
+    the run's latest checkpoint; None when the run has none.
+
+    The whole state comes back so that each trainer restores its own parts too (the
+    centralized sampler; the federated aggregator and sites). ``step`` and ``elapsed_s``
+    are converted to ``int`` and ``float``.
+    """
+    if not (checkpoint_dir(run_dir) / LATEST).exists():
+        return None
+    state = load_checkpoint(run_dir)
+    outer.load_state_dict(state["outer"])
+    torch.set_rng_state(state["torch_rng"])
+    state["step"], state["elapsed_s"] = int(state["step"]), float(state["elapsed_s"])
+    return state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +29,18 @@ def train_tiny_run(out: Path, name: str, dataset: str) -> Path:
                 "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}
     train(parse_config(raw), echo=lambda _: None)
     return out / name
+
+
+@contextmanager
+def embedded_cluster(sites: int) -> Iterator[Any]:
+    """An embedded Ray cluster for a test module: a CPU per site actor plus one for cloud
+    tasks; yields the uniform topology of ``sites`` sites and always shuts Ray down."""
+    from cluster.connect import connect, shutdown
+    from cluster.topology import uniform_topology
+
+    topology = uniform_topology(sites)
+    connect(None, topology, num_cpus=sites + 1, log_to_driver=False)
+    try:
+        yield topology
+    finally:
+        shutdown()

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import ray
 import torch
+from helpers import embedded_cluster
 
-from cluster.connect import connect, shutdown
-from cluster.topology import uniform_topology
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from metalearn.federated import plan_sites
@@ -35,12 +34,8 @@ SITES = 2
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    topology = uniform_topology(SITES)
-    connect(None, topology, num_cpus=SITES + 1, log_to_driver=False)
-    try:
+    with embedded_cluster(SITES) as topology:
         yield topology
-    finally:
-        shutdown()
 
 
 def config(tmp_path: Path) -> ExperimentConfig:

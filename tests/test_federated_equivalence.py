@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import embedded_cluster
 
-from cluster.connect import connect, shutdown
-from cluster.topology import uniform_topology
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import choose_participants, tasks_per_site, train_federated
 from metalearn.aggregation import WeightedMean
@@ -32,13 +31,8 @@ SITES = 3
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One embedded cluster for the module: a CPU per site actor plus one for cloud tasks."""
-    topology = uniform_topology(SITES)
-    connect(None, topology, num_cpus=SITES + 1, log_to_driver=False)
-    try:
+    with embedded_cluster(SITES) as topology:
         yield topology
-    finally:
-        shutdown()
 
 
 def config(tmp_path: Path, name: str, dataset: str = "sinusoid", rounds: int = 4,
