@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import train_tiny_run
 
 from cluster import auth, local, procs
 from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
@@ -94,6 +95,36 @@ def test_pinned_actor_runs_on_its_site(cluster: local.ClusterInfo) -> None:
     finally:
         shutdown()
     assert os.environ.get(auth.TOKEN_PATH_ENV) != cluster.token_path  # environment restored
+
+
+def test_site_pinned_replica_serves_from_the_sites_node(cluster: local.ClusterInfo,
+                                                        tmp_path: Path) -> None:
+    """``site: site-1`` places the Serve replica on site-1's raylet, not on the head where
+    the request enters, and the response headers say where it was served."""
+    import httpx
+
+    from serve.launch import start
+
+    run = train_tiny_run(tmp_path, "sine", "sinusoid")
+    connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
+    try:
+        handle = start({"run_dirs": [str(run)], "site": "site-1"}, ingress="proxy",
+                       port=local.first_free_port(8470, 8500))
+        try:
+            with httpx.Client(base_url=handle.url, timeout=60) as http:
+                health = http.get("/healthz")
+                answer = http.post("/v1/models/sine@latest/predict",
+                                   json={"inputs": [[0.5], [1.5]]})
+        finally:
+            handle.stop()
+    finally:
+        shutdown()
+    site_node, head_node = cluster.nodes["site-1"].node_id, cluster.nodes[local.HEAD].node_id
+    assert health.status_code == 200 and health.headers["x-edgemeta-site"] == "site-1"
+    assert health.headers["x-edgemeta-node"] == site_node != head_node
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-edgemeta-node"] == site_node
+    assert len(answer.json()["values"]) == 2
 
 
 def test_job_submit_with_token(cluster: local.ClusterInfo, tmp_path: Path) -> None:
