@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from cluster import auth
@@ -34,7 +36,10 @@ _saved_env: dict[str, str | None] | None = None
 #: parameter-sized (450 KB for the Omniglot conv net), over Ray's 100 KB default for returning
 #: a value inside the call's reply; inline, it skips a put into the site node's object store
 #: and the driver's pull from it, a few ms of a 4-site round here (docs/BENCHMARKS.md).
-RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 2 * 1024 * 1024}
+#: Read-only: ``ray.init`` adds its session's spilling settings to the dict it is given, so
+#: each use passes a copy.
+RAY_SYSTEM_CONFIG: Mapping[str, int] = MappingProxyType(
+    {"max_direct_call_object_size": 2 * 1024 * 1024})
 
 
 class SiteNodesError(RuntimeError):
@@ -72,7 +77,7 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
             ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            resources=resources,
                            include_dashboard=False, namespace=namespace,
-                           _system_config=RAY_SYSTEM_CONFIG,
+                           _system_config=dict(RAY_SYSTEM_CONFIG),
                            logging_level=logging.WARNING, log_to_driver=log_to_driver)
         except BaseException:
             _restore_env()

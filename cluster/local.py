@@ -407,7 +407,7 @@ def _start_command(info: ClusterInfo, name: str, client_port: int | None,
         cmd += ["--head", f"--port={topo.head_port}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={topo.dashboard_port}", "--include-dashboard=true",
                 f"--ray-client-server-port={client_port}", "--disable-usage-stats",
-                f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"]
+                f"--system-config={json.dumps(dict(RAY_SYSTEM_CONFIG))}"]
         if autoscaling is not None:
             cmd += [f"--autoscaling-config={autoscaling}"]
     else:

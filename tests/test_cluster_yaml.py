@@ -175,4 +175,4 @@ def test_head_starts_with_the_same_ray_system_config_as_local_clusters(cfg: dict
     head = " ".join(cfg["head_start_ray_commands"])
     found = re.search(r"--system-config='([^']*)'", head)
     assert found, "cluster.yaml's head `ray start` sets no --system-config"
-    assert json.loads(found.group(1)) == RAY_SYSTEM_CONFIG
+    assert json.loads(found.group(1)) == dict(RAY_SYSTEM_CONFIG)
