@@ -86,8 +86,8 @@ class FlatLayout:
         return sum(math.prod(s) for s in self.shapes)
 
     def pack(self, params: Mapping[str, Tensor]) -> np.ndarray:
-        """One float32 vector holding ``params`` in layout order (a copy)."""
-        if tuple(params) != self.names:
+        """One float32 vector holding ``params`` in layout order (a copy; any key order)."""
+        if params.keys() != set(self.names):
             raise KeyError(f"parameter names differ from the layout: {list(params)} vs "
                            f"{list(self.names)}")
         return torch.cat([params[k].detach().reshape(-1).to(torch.float32)

@@ -37,3 +37,11 @@ def test_wrong_size_or_names_are_clear_errors() -> None:
         layout.unpack(np.zeros(5, dtype=np.float32))
     with pytest.raises(KeyError, match="differ from the layout"):
         layout.pack({"v": torch.zeros(2, 3)})
+
+
+def test_pack_follows_the_layout_whatever_the_key_order() -> None:
+    params = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([7.0, 8.0])}
+    layout = FlatLayout.of(params)
+    swapped = {"b": params["b"], "w": params["w"]}
+    assert np.array_equal(layout.pack(swapped), layout.pack(params))
+    assert layout.pack(params).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 8.0]
