@@ -21,12 +21,13 @@ Usage (from the repo root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def run_flower(mode: str, *, clients: int, rounds: int, work_s: float | None = N
 
 def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
                  sampled: int | None = None, sites: int = 4, dataset: str | None = None,
-                 queries: int = 15, out_dir: Path | None = None) -> dict[str, Any]:
+                 queries: int = 15, cluster: str = "embedded",
+                 out_dir: Path | None = None) -> dict[str, Any]:
     """THE EDGEMETA SIDE: the same benchmark through ``experiments.federated.train_federated``.
 
     Must return at least ``{"median_overhead_s", "p90_overhead_s", "median_wall_s", "rounds",
@@ -113,12 +115,18 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
     clients, which only sleep, each site also runs a real second-order MAML step; on two cores
     four such steps contend for the CPU and delay each other's start, which the overhead
     metric counts. A small ``queries`` keeps the step (and so that contention) small.
+
+    ``cluster``: ``embedded`` (Ray inside this process, every site's resource on one node) or
+    ``local`` (``cluster.local.up``: a head and one raylet per site, each with its own object
+    store, so parameters and updates cross between raylets; the driver joins it with the
+    cluster's token; peak memory then counts the cluster's processes too).
     """
     import tempfile
 
     # An embedded Ray node takes the host's address unless Ray believes clusters are off, in
     # which case it uses loopback: keep the benchmark on 127.0.0.1. Read when ray is imported.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if cluster == "embedded":  # (a multi-node `ray start` refuses to run with it set)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import pandas as pd
 
@@ -169,17 +177,20 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
                   "checkpoint_every": rounds},
         "federated": fed,
     })
-    sampler = PeakMemSampler(root_pid=os.getpid(), interval_s=0.25)
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with sampler:
-        train_federated(cfg, resume=False, echo=lambda s: print(s, file=sys.stderr))
-    total_s = time.perf_counter() - t0
+    echo = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    with _cluster(cluster, topology, out_dir) as (address, extra_pids):
+        sampler = PeakMemSampler(root_pid=os.getpid(), interval_s=0.25, extra=extra_pids)
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        with sampler:
+            train_federated(cfg, resume=False, address=address, echo=echo)
+        total_s = time.perf_counter() - t0
     rows = pd.read_parquet(cfg.run_dir / "metrics.parquet").to_dict("records")
     used = pd.DataFrame([r for r in rows if r["round"] > 1])
     called = max(1, int(used["called"].median())) if len(used) else 1
     return {
         "bench": "edgemeta", "system": "edgemeta", "mode": mode, "clients": clients,
+        "cluster": cluster,
         "dataset": dataset, "total_s": total_s,
         "sampled": sampled if mode == "scale" else clients,
         "rounds": len(rows), "rounds_used": len(used),
@@ -196,6 +207,34 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
         "per_round": [{k: r[k] for k in ("round", "wall_s", "overhead_s", "compute_s_max")}
                       for r in rows],
     }
+
+
+@contextlib.contextmanager
+def _cluster(kind: str, topology: dict[str, Any],
+             out_dir: Path) -> Iterator[tuple[str | None, Callable[[], set[int]] | None]]:
+    """(address, extra pids to sample) for an embedded run (None, None), or a local multi-node
+    cluster started here, joined with its token, and always taken down."""
+    if kind == "embedded":
+        yield None, None
+        return
+    from cluster import auth, local, procs
+    from cluster.topology import Topology
+
+    nodes = {"num_cpus": 1, "memory_gb": 0.5, "object_store_gb": 0.2}
+    topo = Topology.model_validate({
+        "cloud": {**nodes, "memory_gb": 1.0},
+        "sites": [{**site, **nodes} for site in topology["sites"]],
+        "head_port": local.first_free_port(6390, 6420),
+        "dashboard_port": local.first_free_port(8270, 8300)})
+    state = out_dir / "cluster-state"
+    info = local.up(topo, state)
+    saved = auth.apply_to_process(auth.token_env(info.token_path))
+    sessions = [n.session for n in info.nodes.values()]
+    try:
+        yield info.address, lambda: procs.session_pids(procs.process_table(), sessions)
+    finally:
+        auth.restore_process(saved)
+        local.down(state, grace_s=5)
 
 
 def _omniglot_found() -> bool:
@@ -253,7 +292,8 @@ def markdown_table(title: str, flower: dict[str, Any] | None,
     lines += ["", "[1] Flower's round 1 holds Ray and actor-pool start-up; edgemeta starts its "
                   "actors and waits for them before round 1."]
     if edgemeta:
-        lines.append(f"edgemeta: {edgemeta.get('dataset')} model, 1-min load "
+        lines.append(f"edgemeta: {edgemeta.get('dataset')} model, {edgemeta.get('cluster')} "
+                     f"cluster, 1-min load "
                      f"{edgemeta.get('loadavg_1m')}.")
     if flower:
         lines.append(f"Flower: {flower.get('system')} (ray {flower['versions']['ray']}), "
@@ -276,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flower-args", default="",
                    help="extra flower_rounds.py args, e.g. '--poll-s 0.005' or '--payload tiny'")
     p.add_argument("--timeout-s", type=float, default=600, help="per Flower run")
+    p.add_argument("--cluster", choices=("embedded", "local"), default="embedded",
+                   help="edgemeta side: embedded Ray, or a local multi-node cluster")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_round_overhead",
                    help="folder for results.json and the Flower logs")
     args = p.parse_args(argv)
@@ -308,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(flower)
         if want_ours:
             try:
-                edgemeta = run_edgemeta(mode, **kw, out_dir=args.out / "edgemeta")
+                edgemeta = run_edgemeta(mode, **kw, cluster=args.cluster,
+                                        out_dir=args.out / "edgemeta")
                 results.append(edgemeta)
             except NotImplementedError as exc:
                 print(f"edgemeta {tag}: not wired yet ({exc})", file=sys.stderr)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,7 @@ class PeakMemSampler:
     root_pid: int | None = None
     patterns: Sequence[str] = ()
     must_contain: str | None = None
+    extra: Callable[[], Iterable[int]] | None = None  # e.g. a detached cluster's processes
     interval_s: float = 0.25
     with_pss: bool = True
     peak_rss: int = 0
@@ -133,6 +134,8 @@ class PeakMemSampler:
             group |= descendants(self.root_pid)
         if self.patterns:
             group |= matching(self.patterns, self.must_contain)
+        if self.extra is not None:
+            group |= set(self.extra())
         return group
 
     def sample(self) -> None:
