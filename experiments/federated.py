@@ -281,18 +281,17 @@ def sampler_states(federation: Federation, timeout_s: float = 5.0) -> dict[str, 
 
 
 def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
-              site_names: Sequence[str], wall_s: float | None = None) -> dict[str, Any]:
+              site_names: Sequence[str], wall_s: float) -> dict[str, Any]:
     """The per-round metrics row: timings, traffic, who arrived, task-weighted metrics.
 
     ``participants`` counts the sites chosen for the round, ``called`` those actually sent
     the parameters (not a site still busy with a late call, nor one that is down).
     ``wall_s`` is the whole round as the driver lives it, from packing the parameters to the
-    end of the outer step (default: the calls alone, ``calls_s``); ``overhead_s`` is that
+    end of the outer step (``calls_s``: the calls alone); ``overhead_s`` is that
     beyond the slowest arrived site's compute: packing and ``ray.put``, dispatch, transfers,
     reading the results, aggregation, the outer step, and any wait for sites that turned out
     late.
     """
-    wall_s = outcome.wall_s if wall_s is None else wall_s
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
     called = len(outcome.sites) - outcome.count("busy") - outcome.count("down")
