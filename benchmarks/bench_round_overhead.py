@@ -177,13 +177,12 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
                   "checkpoint_every": rounds},
         "federated": fed,
     })
-    echo = lambda s: print(s, file=sys.stderr)  # noqa: E731
     with _cluster(cluster, topology, out_dir) as (address, extra_pids):
         sampler = PeakMemSampler(root_pid=os.getpid(), interval_s=0.25, extra=extra_pids)
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         with sampler:
-            train_federated(cfg, resume=False, address=address, echo=echo)
+            train_federated(cfg, resume=False, address=address, echo=_to_stderr)
         total_s = time.perf_counter() - t0
     rows = pd.read_parquet(cfg.run_dir / "metrics.parquet").to_dict("records")
     used = pd.DataFrame([r for r in rows if r["round"] > 1])
@@ -207,6 +206,10 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
         "per_round": [{k: r[k] for k in ("round", "wall_s", "overhead_s", "compute_s_max")}
                       for r in rows],
     }
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 @contextlib.contextmanager
