@@ -3,11 +3,20 @@
 Meta-gradients are applied as gradients. Parameter deltas (several local meta-steps on an edge)
 are applied as the pseudo-gradient ``-delta`` (FedOpt: Reddi et al., 2021), so one optimizer
 serves both kinds of update and its state checkpoints with the run.
+
+Why not ``torch.optim``: constructing any ``torch.optim.Optimizer`` imports ``torch._dynamo``
+(sympy, inductor: about 100 MB resident) in torch 2.13, and this optimizer runs in the cloud
+driver and, for several local steps, in every edge actor, processes that otherwise never need
+the compiler. The update below is Adam's (Kingma & Ba, 2015) written with the same tensor ops,
+in the same order, as ``torch.optim.Adam``'s single-tensor path, so the numbers are the same
+(``tests/test_outer.py`` holds them equal); ``load_state_dict`` also reads the state of a
+checkpoint written by the earlier ``torch.optim`` version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -15,46 +24,108 @@ from torch import Tensor
 
 from metalearn.params import Params
 
+Kind = Literal["adam", "sgd"]
+STATE_FORMAT = "edgemeta-outer/1"
+
+
+@dataclass
+class AdamState:
+    """Adam's moments per parameter name, and the number of steps taken."""
+
+    step: int = 0
+    exp_avg: dict[str, Tensor] = field(default_factory=dict)
+    exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
+
+
+def adam_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
+              lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step, in place on ``params`` and ``state`` (no autograd involved)."""
+    beta1, beta2 = betas
+    state.step += 1
+    bias_correction1 = 1 - beta1 ** state.step
+    bias_correction2_sqrt = (1 - beta2 ** state.step) ** 0.5
+    step_size = lr / bias_correction1
+    for k, p in params.items():
+        g = grads[k]
+        if k not in state.exp_avg:
+            state.exp_avg[k] = torch.zeros_like(p)
+            state.exp_avg_sq[k] = torch.zeros_like(p)
+        m, v = state.exp_avg[k], state.exp_avg_sq[k]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+
+
+def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float) -> None:
+    """One plain SGD step, in place on ``params``."""
+    for k, p in params.items():
+        p.add_(grads[k], alpha=-lr)
+
 
 class OuterOptimizer:
     """Adam (or SGD) over named meta-parameters, fed gradients or deltas as dicts."""
 
     def __init__(self, params: Mapping[str, Tensor], lr: float = 1e-3,
-                 kind: Literal["adam", "sgd"] = "adam") -> None:
+                 kind: Kind = "adam") -> None:
         if lr <= 0:
             raise ValueError(f"outer lr must be > 0, got {lr}")
-        self.names = list(params)
-        self._leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        leaves = list(self._leaves.values())
-        if kind == "adam":
-            self._opt: torch.optim.Optimizer = torch.optim.Adam(leaves, lr=lr)
-        elif kind == "sgd":
-            self._opt = torch.optim.SGD(leaves, lr=lr)
-        else:
+        if kind not in ("adam", "sgd"):
             raise ValueError(f"outer optimizer must be 'adam' or 'sgd', not {kind!r}")
+        self.names = list(params)
+        self.lr, self.kind = float(lr), kind
+        self._params = {k: v.detach().clone() for k, v in params.items()}
+        self._adam = AdamState()
 
     @property
     def params(self) -> Params:
         """Current meta-parameters (detached views; clone before mutating)."""
-        return {k: v.detach() for k, v in self._leaves.items()}
+        return {k: v.detach() for k, v in self._params.items()}
 
     def step(self, update: Mapping[str, Tensor], kind: Literal["gradient", "delta"]) -> None:
         """Apply one aggregated update; the keys must match the meta-parameters."""
-        if set(update) != set(self._leaves):
+        if set(update) != set(self._params):
             raise KeyError(f"update keys differ from meta-parameters: "
-                           f"{sorted(set(update) ^ set(self._leaves))}")
+                           f"{sorted(set(update) ^ set(self._params))}")
         sign = 1.0 if kind == "gradient" else -1.0
-        for k, leaf in self._leaves.items():
-            leaf.grad = (sign * update[k]).to(leaf.dtype).clone()
-        self._opt.step()
-        self._opt.zero_grad(set_to_none=True)
+        grads = {k: (sign * update[k]).to(p.dtype) for k, p in self._params.items()}
+        if self.kind == "adam":
+            adam_step(self._params, grads, self._adam, self.lr)
+        else:
+            sgd_step(self._params, grads, self.lr)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": {k: v.detach().clone() for k, v in self._leaves.items()},
-                "optimizer": self._opt.state_dict()}
+        optimizer: dict[str, Any] = {"format": STATE_FORMAT, "kind": self.kind, "lr": self.lr}
+        if self.kind == "adam":
+            optimizer.update(step=self._adam.step,
+                             exp_avg={k: v.clone() for k, v in self._adam.exp_avg.items()},
+                             exp_avg_sq={k: v.clone() for k, v in self._adam.exp_avg_sq.items()})
+        return {"params": {k: v.clone() for k, v in self._params.items()},
+                "optimizer": optimizer}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for k, leaf in self._leaves.items():
-                leaf.copy_(state["params"][k])
-        self._opt.load_state_dict(state["optimizer"])
+        for k, p in self._params.items():
+            p.copy_(state["params"][k])
+        self._adam = self._adam_state(state["optimizer"])
+
+    def _adam_state(self, optimizer: Mapping[str, Any]) -> AdamState:
+        if optimizer.get("format") == STATE_FORMAT:
+            if optimizer["kind"] != self.kind:
+                raise ValueError(f"checkpoint holds {optimizer['kind']} state, "
+                                 f"this optimizer is {self.kind}")
+            if self.kind != "adam":
+                return AdamState()
+            return AdamState(int(optimizer["step"]),
+                             {k: v.clone() for k, v in optimizer["exp_avg"].items()},
+                             {k: v.clone() for k, v in optimizer["exp_avg_sq"].items()})
+        # A torch.optim state dict (checkpoints before this module stopped using torch.optim):
+        # its per-parameter state is keyed by position in the order of ``self.names``.
+        per_index = optimizer.get("state", {})
+        if not per_index:
+            return AdamState()
+        if len(per_index) != len(self.names) or "exp_avg" not in per_index[0]:
+            raise ValueError("checkpoint optimizer state does not match these parameters")
+        return AdamState(int(per_index[0]["step"]),
+                         {k: per_index[i]["exp_avg"].clone() for i, k in enumerate(self.names)},
+                         {k: per_index[i]["exp_avg_sq"].clone()
+                          for i, k in enumerate(self.names)})

@@ -3,7 +3,10 @@ here, and every fast-path strategy agree (float64, 1 and 5 inner steps, BatchNor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,11 +172,54 @@ def test_auto_times_the_candidates_once_and_records_the_choice() -> None:
     assert len(STRATEGY_CHOICES) == key_count + 1
     choice = list(STRATEGY_CHOICES.values())[-1]
     assert choice.strategy == alg.fast.last_strategy
-    assert set(choice.seconds) == {"vmap", "loop", "grouped"}
+    assert set(choice.seconds) == {"loop", "grouped"}
     assert choice.strategy == min(choice.seconds, key=choice.seconds.__getitem__)
     again, _ = alg.meta_gradient(params, tasks)  # cached: no new timing
     assert len(STRATEGY_CHOICES) == key_count + 1
     assert max_abs_diff(again, grads) < ATOL
+
+
+class _TanhMLP(nn.Module):
+    """A model with no grouped forward (not in BATCHED_FORWARDS)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_auto_tries_vmap_only_for_a_model_that_grouped_does_not_cover() -> None:
+    model = _TanhMLP().double()
+    tasks = sinusoid_batch(tasks=3, seed=6)
+    alg = MAML(model, "regression", 0.01, 1, strategy="auto")
+    reference, _ = MAML(model, "regression", 0.01, 1, strategy="loop").meta_gradient(
+        module_params(model), tasks)
+    grads, _ = alg.meta_gradient(module_params(model), tasks)
+    choice = list(STRATEGY_CHOICES.values())[-1]
+    assert set(choice.seconds) == {"loop", "vmap"}
+    assert max_abs_diff(grads, reference) < ATOL
+
+
+def test_auto_on_the_conv_net_never_imports_dynamo() -> None:
+    """torch.func.grad pulls in torch._dynamo (~100 MB resident); an edge site that only times
+    strategies must not pay it when the grouped path covers its model."""
+    code = (
+        "import sys, torch\n"
+        "from metalearn.algorithms.maml import MAML\n"
+        "from metalearn.models import OmniglotConvNet\n"
+        "from metalearn.params import module_params\n"
+        "from metalearn.tasks import TaskBatch\n"
+        "model = OmniglotConvNet(ways=5, channels=8)\n"
+        "x, y = torch.rand(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1)\n"
+        "alg = MAML(model, 'classification', 0.4, 1, strategy='auto')\n"
+        "alg.meta_gradient(module_params(model), TaskBatch(x, y, x, y))\n"
+        "print(alg.fast.last_strategy, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out[0] in ("loop", "grouped")
+    assert out[1] == "False"
 
 
 def test_adapt_does_plain_sgd_without_graph() -> None:

@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 RAY_PATTERNS: tuple[str, ...] = (
@@ -86,6 +87,16 @@ def matching(patterns: Iterable[str], must_contain: str | None = None) -> set[in
     return out
 
 
+def process_label(pid: int) -> str:
+    """A short name for a process: Ray's title (``ray::EdgeNode``, ``raylet``) or argv[0:2]."""
+    words = cmdline(pid).split()
+    if not words:
+        return f"pid {pid}"
+    if words[0].startswith("ray::"):
+        return words[0]
+    return " ".join(Path(w).name if "/" in w else w for w in words[:2])[:60]
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size from /proc/PID/statm (0 if the process is gone)."""
     try:
@@ -124,6 +135,8 @@ class PeakMemSampler:
     peak_pss: int = 0
     peak_procs: int = 0
     samples: int = 0
+    #: At the RSS peak: (what the process is, RSS MiB), largest first; says where memory went.
+    peak_breakdown: list[tuple[str, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -141,7 +154,12 @@ class PeakMemSampler:
     def sample(self) -> None:
         """Take one sample and update the peaks."""
         group = self.pids()
-        self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in group))
+        rss = {p: rss_bytes(p) for p in group}
+        if sum(rss.values()) > self.peak_rss:
+            self.peak_rss = sum(rss.values())
+            self.peak_breakdown = sorted(
+                ((process_label(p), round(b / 2**20, 1)) for p, b in rss.items()),
+                key=lambda item: -item[1])
         if self.with_pss:
             self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in group))
         self.peak_procs = max(self.peak_procs, len(group))
@@ -177,6 +195,7 @@ class PeakMemSampler:
             "peak_rss_bytes": self.peak_rss, "peak_rss_mib": round(self.peak_rss / 2**20, 1),
             "peak_pss_bytes": self.peak_pss, "peak_pss_mib": round(self.peak_pss / 2**20, 1),
             "peak_procs": self.peak_procs, "mem_samples": self.samples,
+            "peak_breakdown": self.peak_breakdown,
         }
 
 

@@ -11,7 +11,12 @@ Strategies (all give the same numbers; which is fastest depends on the model and
   grouped convolution and per-task linears a ``bmm``; BatchNorm over the folded channels is
   BatchNorm with per-task statistics. Only for the architectures in :data:`BATCHED_FORWARDS`.
 * ``auto`` — times the candidates on the first batch of each shape (:data:`STRATEGY_CHOICES`
-  keeps the choice and the timings so that a run can report them) and keeps the fastest.
+  keeps the choice and the timings so that a run can report them) and keeps the fastest. The
+  candidates are ``loop`` and ``grouped``, or ``loop`` and ``vmap`` for a model that ``grouped``
+  does not cover: both batch the tasks, ``grouped`` was faster on every model measured
+  (docs/BENCHMARKS.md: 1.9× vmap on the MLP, 2.8× on the conv net), and the first
+  ``torch.func.grad`` imports ``torch._dynamo`` (sympy, inductor): about 100 MB more resident
+  memory in every process that only tries it, which on an edge site is pure waste.
 
 Gradients of the meta-objective flow to the meta-parameters with ordinary autograd in every
 strategy, so one update rule (a MAML step, a Meta-SGD step, an ANIL head-only step) serves all.
@@ -484,7 +489,7 @@ class FuncMetaGradient:
 
     def _time_candidates(self, run: dict[str, Callable], params: Params, tasks: TaskBatch,
                          x: Tensor) -> tuple[StrategyChoice, tuple[Params, dict[str, float]]]:
-        names = ["vmap", "loop"] + (["grouped"] if self._grouped_ok(params, x) else [])
+        names = ["loop", "grouped" if self._grouped_ok(params, x) else "vmap"]
         seconds, failed, results = {}, {}, {}
         for name in names:
             best = float("inf")
