@@ -105,9 +105,11 @@ class EdgeNode:
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
         as a dict. Returns the update flat (``update``, the parameters' size), counts, scalar
         metrics, timings, the site's name and the device ids: nothing derived row by row
-        from the data.
+        from the data. ``started_at`` / ``finished_at`` (wall clock) let the driver split a
+        round's overhead into the call's delivery and its reply (meaningful where the clocks
+        agree: one host, or hosts kept in sync).
         """
-        t0 = time.perf_counter()
+        started_at, t0 = time.time(), time.perf_counter()
         if self.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
         devices = (list(range(self.tasks.devices)) if device_ids is None
@@ -120,14 +122,17 @@ class EdgeNode:
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
+        flat = self.layout.pack(update.tensors)
         return {
             "site": self.site,
             "round": int(round_idx),
             "kind": update.kind,
-            "update": self.layout.pack(update.tensors),
+            "update": flat,
             "num_tasks": int(update.num_tasks),
             "metrics": {k: float(v) for k, v in update.metrics.items()},
             "compute_s": time.perf_counter() - t0,
+            "started_at": started_at,
+            "finished_at": time.time(),
             "device_ids": devices,
         }
 

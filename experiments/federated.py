@@ -225,6 +225,7 @@ class Federation:
         out = RoundOutcome()
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
+        sent_at: dict[str, float] = {}
         for site, devices in participants.items():
             if self._busy(site):
                 out.sites.append({"site": site, "status": "busy",
@@ -233,37 +234,58 @@ class Federation:
                 out.sites.append({"site": site, "status": "down",
                                   "error": f"unreachable since round {self.probes[site][0]}"})
             else:
+                sent_at[site] = time.time()
                 refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices)
-        ready: set = set()
-        if refs:
-            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
-            ready = set(done)
-        for site, ref in refs.items():
-            row: dict[str, Any] = {"site": site, "devices": len(participants[site])}
-            if ref not in ready:
-                with contextlib.suppress(Exception):  # its actor may be gone already
-                    ray.cancel(ref)
-                self.pending[site] = (round_idx, ref)
-                out.sites.append({**row, "status": "late", "error": f"past {deadline_s} s"})
-                continue
-            try:
-                res = ray.get(ref)
-            except Exception as err:  # the site raised, or its actor or node is gone
-                out.sites.append({**row, "status": "failed", "error": _error_text(err)})
-                if isinstance(err, ray.exceptions.RayActorError):
-                    self.probes[site] = (round_idx, self.edges[site].info.remote())
-                continue
-            if res["round"] != round_idx:  # cannot happen by construction; never apply it
-                out.sites.append({**row, "status": "stale", "error": f"round {res['round']}"})
-                continue
-            out.updates.append(MetaUpdate(res["kind"], self.layout.unpack(res["update"]),
-                                          res["num_tasks"], res["metrics"]))
-            out.sites.append({**row, "status": "ok", "compute_s": res["compute_s"],
-                              "num_tasks": res["num_tasks"],
-                              "bytes_up": int(res["update"].nbytes), **res["metrics"]})
+        # Read each reply as it arrives, so that only the last one is read after the wait.
+        site_of = {ref: site for site, ref in refs.items()}
+        waiting = list(refs.values())
+        arrived: dict[str, MetaUpdate] = {}
+        end = None if deadline_s is None else t0 + deadline_s
+        while waiting:
+            left = None if end is None else max(0.0, end - time.perf_counter())
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            if not done:
+                break
+            site, arrived_at = site_of[done[0]], time.time()
+            update = self._read(site, done[0], round_idx, participants, out)
+            if update is not None:
+                arrived[site] = update
+                row = out.sites[-1]  # delivery and reply of the call, beside its compute
+                row["dispatch_s"] = row.pop("started_at") - sent_at[site]
+                row["reply_s"] = arrived_at - row.pop("finished_at")
+        for ref in waiting:
+            site = site_of[ref]
+            with contextlib.suppress(Exception):  # its actor may be gone already
+                ray.cancel(ref)
+            self.pending[site] = (round_idx, ref)
+            out.sites.append({"site": site, "devices": len(participants[site]),
+                              "status": "late", "error": f"past {deadline_s} s"})
+        # Participant order, not arrival order: the aggregate's float sums are reproducible.
+        out.updates = [arrived[site] for site in participants if site in arrived]
         out.wall_s = time.perf_counter() - t0
         out.sites.sort(key=lambda row: row["site"])
         return out
+
+    def _read(self, site: str, ref: Any, round_idx: int,
+              participants: Mapping[str, list[int]], out: RoundOutcome) -> MetaUpdate | None:
+        """Record one finished call in ``out.sites``; its update, if it brought one."""
+        row: dict[str, Any] = {"site": site, "devices": len(participants[site])}
+        try:
+            res = ray.get(ref)
+        except Exception as err:  # the site raised, or its actor or node is gone
+            out.sites.append({**row, "status": "failed", "error": _error_text(err)})
+            if isinstance(err, ray.exceptions.RayActorError):
+                self.probes[site] = (round_idx, self.edges[site].info.remote())
+            return None
+        if res["round"] != round_idx:  # cannot happen by construction; never apply it
+            out.sites.append({**row, "status": "stale", "error": f"round {res['round']}"})
+            return None
+        out.sites.append({**row, "status": "ok", "compute_s": res["compute_s"],
+                          "started_at": res["started_at"], "finished_at": res["finished_at"],
+                          "num_tasks": res["num_tasks"],
+                          "bytes_up": int(res["update"].nbytes), **res["metrics"]})
+        return MetaUpdate(res["kind"], self.layout.unpack(res["update"]), res["num_tasks"],
+                          res["metrics"])
 
 
 def sampler_states(federation: Federation, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -290,7 +312,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     end of the outer step (``calls_s``: the calls alone); ``overhead_s`` is that
     beyond the slowest arrived site's compute: packing and ``ray.put``, dispatch, transfers,
     reading the results, aggregation, the outer step, and any wait for sites that turned out
-    late.
+    late. ``dispatch_s_max`` / ``reply_s_max``: the longest delivery of a call (sent by the
+    driver to started on the site) and of a reply (finished on the site to seen by the driver).
     """
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
@@ -300,6 +323,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
         "compute_s_max": max(compute, default=float("nan")),
         "compute_s_mean": float(np.mean(compute)) if compute else float("nan"),
         "overhead_s": wall_s - max(compute, default=0.0),
+        "dispatch_s_max": max((s["dispatch_s"] for s in ok), default=float("nan")),
+        "reply_s_max": max((s["reply_s"] for s in ok), default=float("nan")),
         "bytes_down": param_bytes * called, "bytes_up": sum(s["bytes_up"] for s in ok),
         "participants": len(outcome.sites), "called": called, "arrived": len(ok),
         "late": outcome.count("late"), "failed": outcome.count("failed"),

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUND_COLUMNS = {
     "round", "wall_s", "calls_s", "time_s", "compute_s_max", "compute_s_mean", "overhead_s",
     "bytes_down", "bytes_up", "participants", "called", "arrived", "late", "failed", "busy",
-    "skipped", "round_tasks", "loss_before", "loss_after",
+    "skipped", "round_tasks", "loss_before", "loss_after", "dispatch_s_max", "reply_s_max",
     "compute_s.site-0", "compute_s.site-1",
 }
 
@@ -69,6 +69,9 @@ def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
     sites = pd.read_parquet(run / "sites.parquet")
     assert len(sites) == 6 and set(sites["status"]) == {"ok"}
     assert (sites["devices"] == 2).all()
+    # one host, one clock: a call is delivered before it starts, a reply seen after it ends
+    assert (sites["dispatch_s"] >= 0).all() and (sites["reply_s"] >= 0).all()
+    assert (metrics["dispatch_s_max"] == sites.groupby("round")["dispatch_s"].max().values).all()
 
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003.pt"
     for png in ("learning_curve.png", "round_times.png", "personalization.png"):
