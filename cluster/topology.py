@@ -42,6 +42,12 @@ class SiteSpec(NodeSpec):
     devices: int = Field(1, ge=1, description="virtual clients (devices) simulated by the site")
     delay_s: float = Field(0.0, ge=0, description="injected extra compute time per round")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs the site's edge actor asks for")
+    compute_nice: int = Field(
+        19, ge=0, le=19,
+        description="niceness (at least) of the edge actor's training compute: it yields the "
+                    "CPU to the node's control plane (Ray's raylet and RPC threads, a serving "
+                    "replica; Ray runs its workers at 15), so calls are delivered at once even "
+                    "while the sites train; 0 leaves it as Ray started it")
 
 
 class Topology(_Section):

@@ -64,6 +64,7 @@ from metalearn.params import FlatLayout, Params, num_bytes
 Printer = Callable[[str], None]
 SITES_FILE = "sites.parquet"
 STARTUP_TIMEOUT_S = 180.0
+FLAT_KEY = "flat"  # the one key of a site's update as the driver aggregates it
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -192,7 +193,7 @@ class Federation:
 
     def __init__(self, edges: Mapping[str, Any], layout: FlatLayout) -> None:
         self.edges = dict(edges)
-        self.layout = layout  # how the sites' flat updates unpack into parameter dicts
+        self.layout = layout  # checks the sites' flat updates (aggregated flat, unpacked once)
         self.pending: dict[str, tuple[int, Any]] = {}  # site -> (round, ref) of a late call
         self.probes: dict[str, tuple[int, Any]] = {}  # site -> (round it went down, info ref)
 
@@ -284,8 +285,10 @@ class Federation:
                           "started_at": res["started_at"], "finished_at": res["finished_at"],
                           "num_tasks": res["num_tasks"],
                           "bytes_up": int(res["update"].nbytes), **res["metrics"]})
-        return MetaUpdate(res["kind"], self.layout.unpack(res["update"]), res["num_tasks"],
-                          res["metrics"])
+        # Kept flat: every aggregation rule is coordinate-wise (or, for clipping, over the
+        # whole vector), so one op per rule replaces one per tensor; unpacked once, after.
+        return MetaUpdate(res["kind"], {FLAT_KEY: self.layout.vector(res["update"])},
+                          res["num_tasks"], res["metrics"])
 
 
 def sampler_states(federation: Federation, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -400,6 +403,11 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
 
     started = connect_cluster(address or fed.address, topology)
     edges: dict[str, Any] = {}
+    # The cloud's own work is vector ops on ~1e5 floats (pack, aggregate, Adam): one thread.
+    # Two OpenMP threads gain nothing at that size and, when the sites keep the cores busy,
+    # wait on each other for a time slice (100+ ms stalls were measured here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         check_resources(topology)
         torch.manual_seed(cfg.seed)
@@ -446,14 +454,21 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
             round_idx += 1
             params_ref = ray.put(layout.pack(outer.params))  # one flat vector, read in place
             participants = choose_participants(site_names, devices, fed, cfg.seed, round_idx)
+            t_sent = time.perf_counter()
             outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
+            t_back = time.perf_counter()
             if len(outcome.updates) >= fed.quorum:
-                outer.step(aggregator.aggregate(outcome.updates), outcome.updates[0].kind)
+                aggregated = layout.unpack(aggregator.aggregate(outcome.updates)[FLAT_KEY])
+                t_aggregated = time.perf_counter()
+                outer.step(aggregated, outcome.updates[0].kind)
                 missed = 0
             else:
+                t_aggregated = t_back
                 missed += 1
-            row = round_row(round_idx, outcome, param_bytes, site_names,
-                            wall_s=time.perf_counter() - t0)
+            t_end = time.perf_counter()
+            row = round_row(round_idx, outcome, param_bytes, site_names, wall_s=t_end - t0)
+            row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
+                       outer_step_s=t_end - t_aggregated)
             row["skipped"] = len(outcome.updates) < fed.quorum
             elapsed += time.perf_counter() - t0
             row["time_s"] = elapsed
@@ -498,6 +513,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"{cfg.name}: {_headline(result)} after {round_idx} rounds ({elapsed:.0f} s)")
         return summary
     finally:
+        torch.set_num_threads(threads)
         release_edges(edges)
         if started:
             from cluster.connect import shutdown

@@ -15,6 +15,7 @@ checkpoint written by the earlier ``torch.optim`` version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,8 +64,17 @@ def sgd_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: floa
         p.add_(grads[k], alpha=-lr)
 
 
+_FLAT = "flat"  # the one key of the optimizer's own flat buffer
+
+
 class OuterOptimizer:
-    """Adam (or SGD) over named meta-parameters, fed gradients or deltas as dicts."""
+    """Adam (or SGD) over named meta-parameters, fed gradients or deltas as dicts.
+
+    The parameters and Adam's moments live in one flat buffer each, with a named view per
+    parameter: a step is a handful of ops over ~1e5 floats instead of a handful per tensor
+    (about 4x less time for the conv net's 18 tensors). Adam is elementwise, so the numbers
+    are those of a step per tensor.
+    """
 
     def __init__(self, params: Mapping[str, Tensor], lr: float = 1e-3,
                  kind: Kind = "adam") -> None:
@@ -72,10 +82,26 @@ class OuterOptimizer:
             raise ValueError(f"outer lr must be > 0, got {lr}")
         if kind not in ("adam", "sgd"):
             raise ValueError(f"outer optimizer must be 'adam' or 'sgd', not {kind!r}")
+        if not params:
+            raise ValueError("no parameters to optimize")
+        kinds = {(v.dtype, v.device) for v in params.values()}
+        if len(kinds) != 1:
+            raise ValueError(f"meta-parameters must share one dtype and device, got {kinds}")
         self.names = list(params)
         self.lr, self.kind = float(lr), kind
-        self._params = {k: v.detach().clone() for k, v in params.items()}
+        self._shapes = {k: v.shape for k, v in params.items()}
+        self._flat = torch.cat([v.detach().reshape(-1) for v in params.values()]).clone()
+        self._params = self._views(self._flat)
         self._adam = AdamState()
+
+    def _views(self, flat: Tensor) -> Params:
+        """Named views into a flat buffer laid out like the parameters."""
+        out, offset = {}, 0
+        for k, shape in self._shapes.items():
+            n = math.prod(shape)
+            out[k] = flat[offset:offset + n].view(shape)
+            offset += n
+        return out
 
     @property
     def params(self) -> Params:
@@ -87,26 +113,39 @@ class OuterOptimizer:
         if set(update) != set(self._params):
             raise KeyError(f"update keys differ from meta-parameters: "
                            f"{sorted(set(update) ^ set(self._params))}")
-        sign = 1.0 if kind == "gradient" else -1.0
-        grads = {k: (sign * update[k]).to(p.dtype) for k, p in self._params.items()}
+        grad = torch.cat([update[k].detach().reshape(-1).to(self._flat.dtype)
+                          for k in self.names])
+        if kind != "gradient":
+            grad.neg_()
         if self.kind == "adam":
-            adam_step(self._params, grads, self._adam, self.lr)
+            if not self._adam.exp_avg:
+                self._adam.exp_avg[_FLAT] = torch.zeros_like(self._flat)
+                self._adam.exp_avg_sq[_FLAT] = torch.zeros_like(self._flat)
+            adam_step({_FLAT: self._flat}, {_FLAT: grad}, self._adam, self.lr)
         else:
-            sgd_step(self._params, grads, self.lr)
+            sgd_step({_FLAT: self._flat}, {_FLAT: grad}, self.lr)
 
     def state_dict(self) -> dict[str, Any]:
         optimizer: dict[str, Any] = {"format": STATE_FORMAT, "kind": self.kind, "lr": self.lr}
         if self.kind == "adam":
-            optimizer.update(step=self._adam.step,
-                             exp_avg={k: v.clone() for k, v in self._adam.exp_avg.items()},
-                             exp_avg_sq={k: v.clone() for k, v in self._adam.exp_avg_sq.items()})
+            named = {name: ({k: t.clone() for k, t in self._views(moments[_FLAT]).items()}
+                            if moments else {})
+                     for name, moments in (("exp_avg", self._adam.exp_avg),
+                                           ("exp_avg_sq", self._adam.exp_avg_sq))}
+            optimizer.update(step=self._adam.step, **named)
         return {"params": {k: v.clone() for k, v in self._params.items()},
                 "optimizer": optimizer}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k, p in self._params.items():
             p.copy_(state["params"][k])
-        self._adam = self._adam_state(state["optimizer"])
+        named = self._adam_state(state["optimizer"])
+        self._adam = AdamState(named.step)
+        if named.exp_avg:
+            self._adam.exp_avg[_FLAT] = torch.cat(
+                [named.exp_avg[k].reshape(-1) for k in self.names]).to(self._flat)
+            self._adam.exp_avg_sq[_FLAT] = torch.cat(
+                [named.exp_avg_sq[k].reshape(-1) for k in self.names]).to(self._flat)
 
     def _adam_state(self, optimizer: Mapping[str, Any]) -> AdamState:
         if optimizer.get("format") == STATE_FORMAT:

@@ -93,11 +93,20 @@ class FlatLayout:
         return torch.cat([params[k].detach().reshape(-1).to(torch.float32)
                           for k in self.names]).numpy()
 
-    def unpack(self, flat: np.ndarray | Tensor) -> Params:
-        """Tensors (views of one fresh copy of ``flat``) keyed and shaped by the layout."""
-        vec = torch.as_tensor(np.array(flat, dtype=np.float32, copy=True)).reshape(-1)
+    def vector(self, flat: np.ndarray | Tensor) -> Tensor:
+        """A fresh float32 tensor copy of ``flat`` (safe on read-only object-store buffers),
+        checked to hold exactly the layout's parameters."""
+        if isinstance(flat, Tensor):
+            vec = flat.detach().to(torch.float32).reshape(-1).clone()
+        else:
+            vec = torch.as_tensor(np.array(flat, dtype=np.float32, copy=True)).reshape(-1)
         if vec.numel() != self.numel:
             raise ValueError(f"a flat vector of {vec.numel()} values does not hold "
                              f"{self.numel} parameters")
+        return vec
+
+    def unpack(self, flat: np.ndarray | Tensor) -> Params:
+        """Tensors (views of one fresh copy of ``flat``) keyed and shaped by the layout."""
+        vec = self.vector(flat)
         parts = vec.split([math.prod(s) for s in self.shapes])
         return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}

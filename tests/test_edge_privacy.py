@@ -147,3 +147,22 @@ def test_driver_never_opens_the_data_file(ray_cluster, tmp_path: Path,
     assert received, "the driver received nothing through ray.get"
     for value in received:
         assert_no_data(value, shapes)
+
+
+def test_site_compute_runs_below_the_priority_of_its_calls(ray_cluster, tmp_path: Path) -> None:
+    """The edge's training thread is niced (``compute_nice``), its call-handling thread is not:
+    calls reach a busy site at once instead of waiting for a time slice."""
+    from actors.edge import spawn_edge
+
+    spec = config(tmp_path).to_dict()
+    topology = ray_cluster
+    plan = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))["site-1"]
+    site = topology.sites[1]
+    assert site.compute_nice == 19
+    edge = spawn_edge(site, spec, plan, devices=1, seed=1, tasks_per_round=1)
+    try:
+        nice = ray.get(edge.info.remote())["nice"]
+        assert nice["compute"] == 19
+        assert nice["calls"] < nice["compute"]
+    finally:
+        ray.kill(edge)
