@@ -317,7 +317,8 @@ def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace
 
     t0 = time.perf_counter()
     served = start({"run_dirs": [str(run_dir)], "max_models_per_replica": args.lru,
-                    "num_cpus": 1, "max_ongoing_requests": 64, "batch_max_size": 32},
+                    "num_cpus": 1, "max_ongoing_requests": 64, "batch_max_size": 32,
+                    "access_log": args.access_log},
                    port=port, ingress=ingress, num_cpus=2,  # type: ignore[arg-type]
                    ray_init={"log_to_driver": False})  # the client must not print replica logs
     up = time.perf_counter() - t0
@@ -352,7 +353,8 @@ def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
              f"({args.channels} channels),"
              f" loopback, {os.cpu_count()} cores; latency over {args.requests} sequential "
              f"requests, throughput with {args.concurrency} concurrent keep-alive clients for "
-             f"{args.seconds:.0f} s.", "",
+             f"{args.seconds:.0f} s. Serve's access log: {'on' if args.access_log else 'off'}"
+             " (the bare server logs nothing).", "",
              "| server | p50 ms | p99 ms | req/s @" + str(args.concurrency)
              + " | p50 vs bare (≤2×) | p99 vs bare (≤3×) | req/s vs bare (≥1×) |",
              "|---|---|---|---|---|---|---|"]
@@ -390,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--lru", type=int, default=16, help="max_models_per_replica")
     p.add_argument("--port", type=int, default=8151)
+    p.add_argument("--access-log", action="store_true",
+                   help="Serve's per-request access log on (the bare server logs nothing)")
     p.add_argument("--ingress", choices=["both", "proxy", "haproxy"], default="both")
     p.add_argument("--bare-server", metavar="RUN_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
