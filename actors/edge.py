@@ -19,6 +19,7 @@ inject them into a real cluster.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -108,6 +109,7 @@ class EdgeNode:
             load_omniglot(self.config["data"].get("path"))
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self._computed(self._warm_up)
+        gc.freeze()  # torch, the data and the model live for the actor's life: never re-scan
 
     def _niced_thread_start(self) -> None:
         """Initializer of the compute thread: raise its niceness to ``compute_nice``.

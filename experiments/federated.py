@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import math
 import os
@@ -441,6 +442,10 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         edges.update(start_edges(topology, spec, plans, devices, per_site, echo))
         layout = FlatLayout.of(outer.params)
         federation = Federation(edges, layout)
+        # Everything alive now (modules, config, the actors' handles) lives for the run:
+        # move it out of the collector's reach, so a full collection mid-round walks only
+        # what the rounds allocate (the same trick as Serve's RAY_SERVE_FREEZE_GC_ON_STARTUP).
+        gc.freeze()
 
         round_idx, elapsed, missed = 0, 0.0, 0
         state = resume_from_latest(run_dir, outer) if resume else None
