@@ -165,6 +165,30 @@ def test_one_local_step_full_participation_equals_centralized_maml(ray_cluster,
     assert max_abs_diff(ref.outer.params, params) < 1e-5
 
 
+def test_parameters_through_the_object_store_give_the_same_result(
+        ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big models are ``ray.put`` once a round instead of riding inline in each call."""
+    import experiments.federated as federated
+
+    puts: list[int] = []
+    real_put = federated.ray.put
+
+    def counting_put(value: object) -> object:
+        puts.append(getattr(value, "nbytes", -1))
+        return real_put(value)
+
+    monkeypatch.setattr(federated, "INLINE_BROADCAST_BYTES", 0)
+    monkeypatch.setattr(federated.ray, "put", counting_put)
+    cfg = config(tmp_path, "fed-put", devices_per_site=2, rounds=2)
+    params = federated_params(cfg)
+    ref = Reference(cfg)
+    for r in range(1, cfg.train.steps + 1):
+        ref.centralized_round(r)
+    assert len(puts) == cfg.train.steps  # once a round, the flat float32 parameters
+    assert set(puts) == {4 * sum(v.numel() for v in ref.init.values())}
+    assert max_abs_diff(ref.outer.params, params) < 1e-5
+
+
 def test_omniglot_conv_net_equals_centralized_maml(ray_cluster, tmp_path: Path) -> None:
     # Outer SGD here: Adam turns float noise in exactly-zero gradients (a conv bias before
     # BatchNorm) into full-size steps of either sign, so only SGD compares to 1e-5.

@@ -57,6 +57,13 @@ def test_actor_cpus_above_node_cpus() -> None:
     assert "site a: actor_cpus 2.0 exceeds the node's num_cpus 1.0" in msg
 
 
+def test_compute_nice_defaults_low_and_is_bounded() -> None:
+    topo = parse_topology({"sites": [{"name": "a"}, {"name": "b", "compute_nice": 0}]}, "t")
+    assert [s.compute_nice for s in topo.sites] == [19, 0]
+    assert "sites.0.compute_nice" in _error({"sites": [{"name": "a", "compute_nice": 20}]})
+    assert "sites.0.compute_nice" in _error({"sites": [{"name": "a", "compute_nice": -1}]})
+
+
 def test_empty_or_missing_sites() -> None:
     assert "at least one site" in _error({"sites": []})
     assert "sites: Field required" in _error({"cloud": {"num_cpus": 1}})
