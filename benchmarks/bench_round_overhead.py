@@ -306,6 +306,23 @@ def markdown_table(title: str, flower: dict[str, Any] | None,
     return "\n".join(lines)
 
 
+def run_edgemeta_isolated(mode: str, **kw: Any) -> dict[str, Any]:
+    """:func:`run_edgemeta` in a fresh Python process, as each Flower run gets one.
+
+    In this long-lived process every earlier run leaves memory behind (imports, plots, Ray's
+    driver state); a fresh process per run makes the peak-memory rows compare like with like.
+    """
+    job = json.dumps({"mode": mode, **{k: str(v) if isinstance(v, Path) else v
+                                       for k, v in kw.items()}})
+    proc = subprocess.run([sys.executable, __file__, "--edgemeta-job", job], cwd=ROOT,
+                          stdout=subprocess.PIPE, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"edgemeta {mode} run failed (exit {proc.returncode}); "
+                           "its log is above")
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("flower", "edgemeta"), default=None)
@@ -323,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="edgemeta side: embedded Ray, or a local multi-node cluster")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_round_overhead",
                    help="folder for results.json and the Flower logs")
+    p.add_argument("--edgemeta-job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.edgemeta_job:  # one isolated edgemeta run (see run_edgemeta_isolated)
+        job = json.loads(args.edgemeta_job)
+        result = run_edgemeta(job.pop("mode"), **job)
+        print(json.dumps(result, default=str), flush=True)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     extra = args.flower_args.split()
@@ -353,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(flower)
         if want_ours:
             try:
-                edgemeta = run_edgemeta(mode, **kw, cluster=args.cluster,
-                                        out_dir=args.out / "edgemeta")
+                edgemeta = run_edgemeta_isolated(mode, **kw, cluster=args.cluster,
+                                                 out_dir=args.out / "edgemeta")
                 results.append(edgemeta)
             except NotImplementedError as exc:
                 print(f"edgemeta {tag}: not wired yet ({exc})", file=sys.stderr)
