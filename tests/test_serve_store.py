@@ -175,3 +175,17 @@ def test_serve_deploy_config_is_valid() -> None:
     settings = ServeSettings.model_validate(app.args)
     assert settings.max_models_per_replica == 16 and settings.token_file is None
     assert app_builder(app.args) is not None  # builds the bound application offline
+
+
+def test_replica_request_path_defaults(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handlers on the replica's own loop and no access log, unless asked otherwise."""
+    from serve.launch import ingress_env
+    from serve.schemas import ServeSettings
+
+    monkeypatch.delenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", raising=False)
+    for ingress in ("proxy", "haproxy"):
+        assert ingress_env(ingress, tmp_path)["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    assert ingress_env("haproxy", tmp_path)["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+    assert ServeSettings.model_validate({"run_dirs": [str(tmp_path)]}).access_log is False
