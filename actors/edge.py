@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +51,10 @@ def _cancelled() -> bool:
 
 
 def _thread_nice() -> int | None:
-    """The calling thread's niceness (None where the OS cannot say)."""
+    """The calling thread's niceness (None off Linux, where a thread id given to
+    ``getpriority`` would name a process instead)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     except (AttributeError, OSError):
@@ -86,6 +90,7 @@ class EdgeNode:
                  delay_s: float = 0.0, fail: bool = False, compute_nice: int = 0) -> None:
         self.site = site
         self.compute_nice = int(compute_nice)
+        self.compute_thread_nice: int | None = None  # as set by the thread itself
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"edge-{site}",
                                            initializer=self._niced_thread_start)
         self.config = dict(config)
@@ -109,7 +114,8 @@ class EdgeNode:
             load_omniglot(self.config["data"].get("path"))
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self._computed(self._warm_up)
-        gc.freeze()  # torch, the data and the model live for the actor's life: never re-scan
+        gc.collect()  # then freeze what is left: torch, the data and the model live for the
+        gc.freeze()   # actor's life, so a full collection mid-round never re-scans them
 
     def _niced_thread_start(self) -> None:
         """Initializer of the compute thread: raise its niceness to ``compute_nice``.
@@ -119,14 +125,12 @@ class EdgeNode:
         receives calls and sends replies, keep their priority. Raising niceness needs no
         privilege; where it is refused (another OS), the site computes at normal priority.
         """
-        if self.compute_nice <= 0:
-            return
         current = _thread_nice()
-        if current is None:
-            return
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           max(current, self.compute_nice))
+        if self.compute_nice > 0 and current is not None:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               max(current, self.compute_nice))
+        self.compute_thread_nice = _thread_nice()
 
     def _computed(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the site's compute thread; the caller (Ray's thread) waits."""
@@ -159,7 +163,8 @@ class EdgeNode:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
         devices = (list(range(self.tasks.devices)) if device_ids is None
                    else sorted(int(d) for d in device_ids))
-        update, flat = self._computed(self._local_update, params, round_idx, devices)
+        submitted = time.perf_counter()
+        update, flat, began = self._computed(self._local_update, params, round_idx, devices)
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
@@ -171,19 +176,23 @@ class EdgeNode:
             "num_tasks": int(update.num_tasks),
             "metrics": {k: float(v) for k, v in update.metrics.items()},
             "compute_s": time.perf_counter() - t0,
+            "compute_wait_s": began - submitted,
             "started_at": started_at,
             "finished_at": time.time(),
             "device_ids": devices,
         }
 
     def _local_update(self, params: np.ndarray | Params, round_idx: int,
-                      devices: list[int]) -> tuple[MetaUpdate, np.ndarray]:
+                      devices: list[int]) -> tuple[MetaUpdate, np.ndarray, float]:
+        """The round's update, flat, and when the compute thread began (``perf_counter``):
+        the gap from the call's start is the wait for a CPU among the node's sites."""
+        began = time.perf_counter()
         params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
                   else {k: v.detach().clone() for k, v in params.items()})
         sample = self.tasks.round_sampler(devices, round_idx)
         update = local_update(self.algorithm, params, sample, self.tasks_per_round,
                               self.local_steps, self.local_lr, self.local_optimizer)
-        return update, self.layout.pack(update.tensors)
+        return update, self.layout.pack(update.tensors), began
 
     def _injected_delay(self) -> None:
         end = time.perf_counter() + self.delay_s
@@ -237,7 +246,7 @@ class EdgeNode:
             "rounds_done": self.rounds_done,
             "load_s": self.load_s,
             "warmup_s": self.warmup_s,
-            "nice": {"calls": _thread_nice(), "compute": self._computed(_thread_nice)},
+            "nice": {"calls": _thread_nice(), "compute": self.compute_thread_nice},
         }
 
     def sampler_state(self) -> dict[str, int]:

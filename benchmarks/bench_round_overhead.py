@@ -306,7 +306,19 @@ def markdown_table(title: str, flower: dict[str, Any] | None,
     return "\n".join(lines)
 
 
-def run_edgemeta_isolated(mode: str, **kw: Any) -> dict[str, Any]:
+def _json_value(value: Any) -> Any:
+    """numpy numbers stay numbers across the process boundary; anything else becomes text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class EdgemetaRunFailed(RuntimeError):
+    """An isolated edgemeta run exited without a result (its log went to stderr)."""
+
+
+def run_edgemeta_isolated(mode: str, timeout_s: float = 1800, **kw: Any) -> dict[str, Any]:
     """:func:`run_edgemeta` in a fresh Python process, as each Flower run gets one.
 
     In this long-lived process every earlier run leaves memory behind (imports, plots, Ray's
@@ -314,12 +326,16 @@ def run_edgemeta_isolated(mode: str, **kw: Any) -> dict[str, Any]:
     """
     job = json.dumps({"mode": mode, **{k: str(v) if isinstance(v, Path) else v
                                        for k, v in kw.items()}})
-    proc = subprocess.run([sys.executable, __file__, "--edgemeta-job", job], cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True, check=False)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--edgemeta-job", job], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, check=False,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise EdgemetaRunFailed(f"edgemeta {mode} run passed {timeout_s:.0f} s") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"edgemeta {mode} run failed (exit {proc.returncode}); "
-                           "its log is above")
+        raise EdgemetaRunFailed(f"edgemeta {mode} run failed (exit {proc.returncode}); "
+                                "its log is above")
     return json.loads(lines[-1])
 
 
@@ -345,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.edgemeta_job:  # one isolated edgemeta run (see run_edgemeta_isolated)
         job = json.loads(args.edgemeta_job)
         result = run_edgemeta(job.pop("mode"), **job)
-        print(json.dumps(result, default=str), flush=True)
+        print(json.dumps(result, default=_json_value), flush=True)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -379,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                 edgemeta = run_edgemeta_isolated(mode, **kw, cluster=args.cluster,
                                                  out_dir=args.out / "edgemeta")
                 results.append(edgemeta)
-            except NotImplementedError as exc:
-                print(f"edgemeta {tag}: not wired yet ({exc})", file=sys.stderr)
+            except EdgemetaRunFailed as exc:  # keep what was measured; report the failure
+                print(f"edgemeta {tag}: {exc}", file=sys.stderr)
+                results.append({"bench": "edgemeta", "mode": mode, "error": str(exc)})
         tables.append(markdown_table(title, flower, edgemeta))
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print("\n\n".join(tables))

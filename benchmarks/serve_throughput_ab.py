@@ -5,7 +5,7 @@
 
 Starts edgemeta's Serve app (HAProxy ingress) on the benchmark's run folder, warms it up for
 2 s, then drives 32 concurrent keep-alive clients for 8 s and prints req/s. With ``--profile``
-(needs ``pip install py-spy``), py-spy samples the replica at 200 Hz during the load and
+(needs ``pip install py-spy``), py-spy samples the replica at 200 Hz for 6 s of that load and
 writes raw stacks to OUT.txt. One setting per process: the separate-loop choice is an
 environment variable that Ray's processes read when Ray starts. This is how the rows of
 "What moved throughput" in docs/BENCHMARKS.md were taken (with ``--profile``).

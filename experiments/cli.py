@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode"], default="HeadOnly")
     p.add_argument("--access-log", action="store_true",
                    help="Serve's per-request log line in each replica (off by default: it "
-                        "cost ~15%% of throughput here; HAProxy can log at the ingress)")
+                        "cost 15-24%% of throughput here; HAProxy can log at the ingress)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cluster", help="a local multi-node Ray cluster (a raylet per site)")

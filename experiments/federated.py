@@ -301,6 +301,7 @@ class Federation:
             out.sites.append({**row, "status": "stale", "error": f"round {res['round']}"})
             return None
         out.sites.append({**row, "status": "ok", "compute_s": res["compute_s"],
+                          "compute_wait_s": res.get("compute_wait_s", 0.0),
                           "started_at": res["started_at"], "finished_at": res["finished_at"],
                           "num_tasks": res["num_tasks"],
                           "bytes_up": int(res["update"].nbytes), **res["metrics"]})
@@ -336,6 +337,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     reading the results, aggregation, the outer step, and any wait for sites that turned out
     late. ``dispatch_s_max`` / ``reply_s_max``: the longest delivery of a call (sent by the
     driver to started on the site) and of a reply (finished on the site to seen by the driver).
+    ``compute_wait_s_max``: the longest wait, inside a site's ``compute_s``, between the call
+    starting and the site's compute thread getting a CPU (sites sharing a node's cores).
     """
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
@@ -347,6 +350,7 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
         "overhead_s": wall_s - max(compute, default=0.0),
         "dispatch_s_max": max((s["dispatch_s"] for s in ok), default=float("nan")),
         "reply_s_max": max((s["reply_s"] for s in ok), default=float("nan")),
+        "compute_wait_s_max": max((s["compute_wait_s"] for s in ok), default=float("nan")),
         "bytes_down": param_bytes * called, "bytes_up": sum(s["bytes_up"] for s in ok),
         "participants": len(outcome.sites), "called": called, "arrived": len(ok),
         "late": outcome.count("late"), "failed": outcome.count("failed"),
@@ -445,7 +449,8 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         # Everything alive now (modules, config, the actors' handles) lives for the run:
         # move it out of the collector's reach, so a full collection mid-round walks only
         # what the rounds allocate (the same trick as Serve's RAY_SERVE_FREEZE_GC_ON_STARTUP).
-        gc.freeze()
+        gc.collect()
+        gc.freeze()  # undone in `finally`: the caller's heap is theirs again after the run
 
         round_idx, elapsed, missed = 0, 0.0, 0
         state = resume_from_latest(run_dir, outer) if resume else None
@@ -536,6 +541,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"{cfg.name}: {_headline(result)} after {round_idx} rounds ({elapsed:.0f} s)")
         return summary
     finally:
+        gc.unfreeze()
         torch.set_num_threads(threads)
         release_edges(edges)
         if started:

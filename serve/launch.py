@@ -61,9 +61,11 @@ def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[s
     """Environment for Ray processes so that Serve uses ``ingress`` (set before Ray starts).
 
     Handlers run on the replica's own event loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-    =0``, unless the caller's environment says otherwise): they never block it, since torch
-    runs on the replica's torch thread, and a second loop thread cost a hop and GIL
-    contention per request (+7 % throughput without it, measured here).
+    =0``, unless the caller's environment says otherwise): with ``compute_in_thread`` (the
+    default) they never block it, since torch runs on the replica's torch thread, and a
+    second loop thread cost a hop and GIL contention per request (+7 % throughput without
+    it, measured here). With ``compute_in_thread: false``, torch blocks that one loop for a
+    forward pass or an adaptation: set the variable to 1 for such a deployment.
     """
     env = {"RAY_USAGE_STATS_ENABLED": "0",
            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":

@@ -168,7 +168,7 @@ class ServeSettings(BaseModel):
     backpressure_status: Literal[503, 429] = 503
     models_list_limit: int = Field(200, ge=0, description="adapted models listed by GET /v1/models")
     access_log: bool = Field(False, description="Serve's per-request access log line in the "
-                             "replica (off: ~15 % of throughput at 32 concurrent clients here)")
+                             "replica (off: it cost 15-24 % of throughput under load here)")
     compute_in_thread: bool = Field(True, description="run torch on a dedicated thread, so "
                                     "the event loop stays free; False: inline (less latency)")
 

@@ -89,7 +89,8 @@ def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
         layout = FlatLayout.of(params)
         result = ray.get(edge.round.remote(ray.put(layout.pack(params)), 1, [0, 1]))
         assert set(result) == {"site", "round", "kind", "update", "num_tasks", "metrics",
-                               "compute_s", "started_at", "finished_at", "device_ids"}
+                               "compute_s", "compute_wait_s", "started_at", "finished_at",
+                               "device_ids"}
         assert result["update"].shape == (layout.numel,)
         assert result["update"].dtype == np.float32
         assert result["num_tasks"] == 3 and result["device_ids"] == [0, 1]

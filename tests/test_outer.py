@@ -80,10 +80,28 @@ def test_state_round_trip_and_mismatches() -> None:
         OuterOptimizer(_params(), lr=0.0)
 
 
-def test_params_are_views_that_callers_cannot_flag_for_grad() -> None:
+def test_params_are_copies_that_callers_cannot_change() -> None:
     opt = OuterOptimizer(_params(), lr=0.01)
     opt.params["w"].requires_grad_(True)
     assert not opt.params["w"].requires_grad
+    opt.params["w"].add_(1.0)
+    assert torch.equal(opt.params["w"], _params()["w"])
+
+
+def test_params_pickle_at_their_own_size() -> None:
+    """The optimizer keeps one flat buffer; what it hands out must not drag that buffer along
+    once per tensor when pickled (as Ray does when the params cross to a task)."""
+    import pickle
+
+    params = {f"t{i}": torch.randn(1000) for i in range(18)}
+    raw = sum(v.numel() * v.element_size() for v in params.values())
+    assert len(pickle.dumps(OuterOptimizer(params).params)) < 1.2 * raw
+
+
+def test_an_update_of_the_right_size_but_wrong_shape_is_refused() -> None:
+    opt = OuterOptimizer(_params(), lr=0.01)
+    with pytest.raises(ValueError, match=r"w has shape \(3, 4\), expected \(4, 3\)"):
+        opt.step({"w": torch.zeros(3, 4), "b": torch.zeros(3)}, "gradient")
 
 
 def test_a_step_does_not_import_the_compiler() -> None:
