@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-inline", action="store_true", help="compute_in_thread: false")
     p.add_argument("--separate-loop", action="store_true",
                    help="RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1 (Serve's own default)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="@serve.batch's wait for more requests (0: batch what is queued)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy raw output file")
     p.add_argument("--port", type=int, default=8151)
     args = p.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = bench_serve.make_run(Path(tempfile.mkdtemp(prefix="serve-ab-")), 64)
     served = start({"run_dirs": [str(run_dir)], "num_cpus": 1, "max_ongoing_requests": 64,
                     "batch_max_size": 32, "access_log": args.access_log,
-                    "compute_in_thread": not args.torch_inline},
+                    "compute_in_thread": not args.torch_inline,
+                    "batch_wait_timeout_s": args.batch_wait_ms / 1e3},
                    port=args.port, ingress="haproxy", num_cpus=2,
                    ray_init={"log_to_driver": False})
     try:
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.wait()
         print(f"req/s {rps:.0f} (access_log={args.access_log}, torch_inline={args.torch_inline},"
-              f" separate_loop={args.separate_loop}) codes {codes}", flush=True)
+              f" separate_loop={args.separate_loop}, batch_wait_ms={args.batch_wait_ms}) "
+              f"codes {codes}", flush=True)
     finally:
         served.stop()
     return 0
