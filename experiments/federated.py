@@ -212,7 +212,7 @@ class Federation:
 
     def __init__(self, edges: Mapping[str, Any], layout: FlatLayout) -> None:
         self.edges = dict(edges)
-        self.layout = layout  # checks the sites' flat updates (aggregated flat, unpacked once)
+        self.layout = layout  # checks the sites' flat updates (aggregated and applied flat)
         self.pending: dict[str, tuple[int, Any]] = {}  # site -> (round, ref) of a late call
         self.probes: dict[str, tuple[int, Any]] = {}  # site -> (round it went down, info ref)
 
@@ -301,7 +301,7 @@ class Federation:
             out.sites.append({**row, "status": "stale", "error": f"round {res['round']}"})
             return None
         out.sites.append({**row, "status": "ok", "compute_s": res["compute_s"],
-                          "compute_wait_s": res.get("compute_wait_s", 0.0),
+                          "compute_wait_s": res["compute_wait_s"],
                           "started_at": res["started_at"], "finished_at": res["finished_at"],
                           "num_tasks": res["num_tasks"],
                           "bytes_up": int(res["update"].nbytes), **res["metrics"]})
@@ -444,8 +444,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
 
         plans = plan_partitions(spec["data"], topology, cfg.seed, fed.holdout_fraction)
         edges.update(start_edges(topology, spec, plans, devices, per_site, echo))
-        layout = FlatLayout.of(outer.params)
-        federation = Federation(edges, layout)
+        federation = Federation(edges, outer.layout)
         # Everything alive now (modules, config, the actors' handles) lives for the run:
         # move it out of the collector's reach, so a full collection mid-round walks only
         # what the rounds allocate (the same trick as Serve's RAY_SERVE_FREEZE_GC_ON_STARTUP).
@@ -481,14 +480,15 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
             t0 = time.perf_counter()
             round_idx += 1
             participants = choose_participants(site_names, devices, fed, cfg.seed, round_idx)
-            params_ref = broadcast(layout.pack(outer.params), len(participants))
+            params_ref = broadcast(outer.flat_params().to(torch.float32).numpy(),
+                                   len(participants))
             t_sent = time.perf_counter()
             outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
             t_back = time.perf_counter()
             if len(outcome.updates) >= fed.quorum:
-                aggregated = layout.unpack(aggregator.aggregate(outcome.updates)[FLAT_KEY])
+                aggregated = aggregator.aggregate(outcome.updates)[FLAT_KEY]
                 t_aggregated = time.perf_counter()
-                outer.step(aggregated, outcome.updates[0].kind)
+                outer.step_flat(aggregated, outcome.updates[0].kind)
                 missed = 0
             else:
                 t_aggregated = t_back

@@ -15,7 +15,6 @@ checkpoint written by the earlier ``torch.optim`` version.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from metalearn.params import Params
+from metalearn.params import FlatLayout, Params
 
 Kind = Literal["adam", "sgd"]
 STATE_FORMAT = "edgemeta-outer/1"
@@ -87,21 +86,12 @@ class OuterOptimizer:
         kinds = {(v.dtype, v.device) for v in params.values()}
         if len(kinds) != 1:
             raise ValueError(f"meta-parameters must share one dtype and device, got {kinds}")
-        self.names = list(params)
+        self.layout = FlatLayout.of(params)
+        self.names = list(self.layout.names)
         self.lr, self.kind = float(lr), kind
-        self._shapes = {k: v.shape for k, v in params.items()}
         self._flat = torch.cat([v.detach().reshape(-1) for v in params.values()])
-        self._params = self._views(self._flat)
+        self._params = self.layout.views(self._flat)
         self._adam = AdamState()
-
-    def _views(self, flat: Tensor) -> Params:
-        """Named views into a flat buffer laid out like the parameters."""
-        out, offset = {}, 0
-        for k, shape in self._shapes.items():
-            n = math.prod(shape)
-            out[k] = flat[offset:offset + n].view(shape)
-            offset += n
-        return out
 
     @property
     def params(self) -> Params:
@@ -113,11 +103,21 @@ class OuterOptimizer:
         """
         return {k: v.clone() for k, v in self._params.items()}
 
+    def flat_params(self) -> Tensor:
+        """A copy of all meta-parameters as one vector, in ``self.layout``'s order."""
+        return self._flat.clone()
+
     def step(self, update: Mapping[str, Tensor], kind: Literal["gradient", "delta"]) -> None:
         """Apply one aggregated update; names and shapes must match the meta-parameters."""
-        self._check_shapes(update, "update")
-        grad = torch.cat([update[k].detach().reshape(-1).to(self._flat.dtype)
-                          for k in self.names])
+        self.layout.check(update, "update")
+        self.step_flat(torch.cat([update[k].detach().reshape(-1) for k in self.names]), kind)
+
+    def step_flat(self, update: Tensor, kind: Literal["gradient", "delta"]) -> None:
+        """Apply one aggregated update given as one vector in ``self.layout``'s order."""
+        if update.numel() != self._flat.numel():
+            raise ValueError(f"an update of {update.numel()} values does not fit "
+                             f"{self._flat.numel()} parameters")
+        grad = update.detach().reshape(-1).to(self._flat.dtype, copy=True)
         if kind != "gradient":
             grad.neg_()
         if self.kind == "adam":
@@ -131,7 +131,8 @@ class OuterOptimizer:
     def state_dict(self) -> dict[str, Any]:
         optimizer: dict[str, Any] = {"format": STATE_FORMAT, "kind": self.kind, "lr": self.lr}
         if self.kind == "adam":
-            named = {name: ({k: t.clone() for k, t in self._views(moments[_FLAT]).items()}
+            named = {name: ({k: t.clone() for k, t in
+                             self.layout.views(moments[_FLAT]).items()}
                             if moments else {})
                      for name, moments in (("exp_avg", self._adam.exp_avg),
                                            ("exp_avg_sq", self._adam.exp_avg_sq))}
@@ -145,23 +146,12 @@ class OuterOptimizer:
         named = self._adam_state(state["optimizer"])
         self._adam = AdamState(named.step)
         if named.exp_avg:
-            self._check_shapes(named.exp_avg, "checkpoint exp_avg")
-            self._check_shapes(named.exp_avg_sq, "checkpoint exp_avg_sq")
+            self.layout.check(named.exp_avg, "checkpoint exp_avg")
+            self.layout.check(named.exp_avg_sq, "checkpoint exp_avg_sq")
             self._adam.exp_avg[_FLAT] = torch.cat(
                 [named.exp_avg[k].reshape(-1) for k in self.names]).to(self._flat)
             self._adam.exp_avg_sq[_FLAT] = torch.cat(
                 [named.exp_avg_sq[k].reshape(-1) for k in self.names]).to(self._flat)
-
-    def _check_shapes(self, tensors: Mapping[str, Tensor], what: str) -> None:
-        """Same names and shapes as the parameters: a flat concatenation would otherwise
-        apply a same-sized tensor of another shape to the wrong coordinates, silently."""
-        if set(tensors) != set(self._shapes):
-            raise KeyError(f"{what} keys differ from meta-parameters: "
-                           f"{sorted(set(tensors) ^ set(self._shapes))}")
-        for k, shape in self._shapes.items():
-            if tensors[k].shape != shape:
-                raise ValueError(f"{what}: {k} has shape {tuple(tensors[k].shape)}, "
-                                 f"expected {tuple(shape)}")
 
     def _adam_state(self, optimizer: Mapping[str, Any]) -> AdamState:
         if optimizer.get("format") == STATE_FORMAT:

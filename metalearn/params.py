@@ -107,6 +107,20 @@ class FlatLayout:
 
     def unpack(self, flat: np.ndarray | Tensor) -> Params:
         """Tensors (views of one fresh copy of ``flat``) keyed and shaped by the layout."""
-        vec = self.vector(flat)
+        return self.views(self.vector(flat))
+
+    def views(self, vec: Tensor) -> Params:
+        """Named views into ``vec`` itself (no copy, any dtype), shaped by the layout."""
         parts = vec.split([math.prod(s) for s in self.shapes])
         return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def check(self, tensors: Mapping[str, Tensor], what: str) -> None:
+        """Same names and shapes as the layout: a flat concatenation would otherwise put a
+        same-sized tensor of another shape on the wrong coordinates, silently."""
+        if set(tensors) != set(self.names):
+            raise KeyError(f"{what} keys differ from meta-parameters: "
+                           f"{sorted(set(tensors) ^ set(self.names))}")
+        for k, shape in zip(self.names, self.shapes, strict=True):
+            if tuple(tensors[k].shape) != shape:
+                raise ValueError(f"{what}: {k} has shape {tuple(tensors[k].shape)}, "
+                                 f"expected {shape}")
