@@ -1,6 +1,7 @@
 """Meta-test accuracy against training steps and time, from a run folder's saved checkpoints.
 
     .venv/bin/python benchmarks/checkpoint_curve.py RUN_DIR [--episodes 600] [--every 1000]
+        [--steps 1000,8000] [--set eval.steps=10]
 
 Training's own intermediate evaluations use few episodes (``train.eval_episodes``); this
 re-evaluates chosen checkpoints on the full meta-test protocol (the same episodes for every
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.config import parse_config
+from experiments.config import apply_overrides, parse_config
 from experiments.runlog import read_run_config
 from experiments.train import meta_test
 from metalearn.checkpoint import load_checkpoint
@@ -35,16 +36,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--every", type=int, default=1000, help="evaluate steps divisible by this "
                    "(and the last saved one)")
+    p.add_argument("--steps", default="", help="comma list of checkpoint steps (instead of "
+                   "--every)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate differently from the run's config, e.g. --set eval.steps=10")
     args = p.parse_args(argv)
-    cfg = parse_config(read_run_config(args.run_dir), str(args.run_dir))
+    cfg = parse_config(apply_overrides(read_run_config(args.run_dir), args.set),
+                       str(args.run_dir))
     algorithm = algorithm_from_spec(cfg.to_dict())
     steps = saved_steps(args.run_dir)
     if not steps:
         raise SystemExit(f"{args.run_dir} has no saved checkpoints")
-    chosen = [s for s in steps if s % args.every == 0]
-    if steps[-1] not in chosen:
-        chosen.append(steps[-1])
+    if args.steps:
+        wanted = [int(x) for x in args.steps.split(",") if x.strip()]
+        missing = sorted(set(wanted) - set(steps))
+        if missing:
+            raise SystemExit(f"{args.run_dir} has no checkpoint for steps {missing}")
+        chosen = wanted
+    else:
+        chosen = [s for s in steps if s % args.every == 0]
+        if steps[-1] not in chosen:
+            chosen.append(steps[-1])
     metrics = pd.read_parquet(args.run_dir / "metrics.parquet").set_index("step")
+    test_steps = algorithm.test_steps if cfg.eval.steps is None else cfg.eval.steps
+    print(f"test-time adaptation: {test_steps} steps", file=sys.stderr)
     print(f"| step | train time (s) | meta-test accuracy ({args.episodes} episodes, 95 % CI) |")
     print("|---|---|---|")
     for step in chosen:

@@ -45,7 +45,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.train import evaluate_run
 
-    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes)
+    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes, overrides=args.set)
     return 0
 
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate differently from the run's config, e.g. --set eval.steps=10")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("data", help="data sets")

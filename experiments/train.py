@@ -115,12 +115,16 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
-                 echo: Printer = print) -> dict[str, Any]:
-    """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks."""
-    from experiments.config import parse_config
+                 overrides: list[str] | None = None, echo: Printer = print) -> dict[str, Any]:
+    """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks.
+
+    ``overrides`` (``section.key=value``) change the evaluation without retraining, e.g.
+    ``eval.steps=10`` to adapt with the MAML reference code's 10 test-time steps.
+    """
+    from experiments.config import apply_overrides, parse_config
     from experiments.runlog import read_run_config
 
-    cfg = parse_config(read_run_config(run_dir), str(run_dir))
+    cfg = parse_config(apply_overrides(read_run_config(run_dir), overrides or []), str(run_dir))
     algorithm = algorithm_from_spec(cfg.to_dict())
     state = load_checkpoint(run_dir, step)
     result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
