@@ -48,6 +48,13 @@ def test_train_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert main(["evaluate", str(run), "--step", "8", "--episodes", "10"]) == 0
     assert "@ step 8" in capsys.readouterr().out
+    # the evaluation can differ from training's without retraining; the run folder is untouched
+    assert main(["evaluate", str(run), "--episodes", "10", "--set", "eval.steps_list=[0,2]"]) == 0
+    headline = capsys.readouterr().out
+    assert "2 steps:" in headline and "5 steps:" not in headline
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["steps_list"] == [0, 1, 5]
+    assert main(["evaluate", str(run), "--set", "eval.stpes=3"]) == 2
+    assert "eval.stpes: unknown key" in capsys.readouterr().err
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
