@@ -259,7 +259,7 @@ def process_role(pid: int, cmdline: str, server_pid: int | None) -> str | None:
         return "replica"
     if "haproxy" in cmdline.split(" ", 1)[0]:
         return "haproxy"
-    if "ray" in cmdline:
+    if any(mark in cmdline for mark in ("ray::", "/ray/", "raylet", "gcs_server")):
         return "ray, other"
     return None
 
