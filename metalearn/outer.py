@@ -89,7 +89,7 @@ class OuterOptimizer:
         self.layout = FlatLayout.of(params)
         self.names = list(self.layout.names)
         self.lr, self.kind = float(lr), kind
-        self._flat = torch.cat([v.detach().reshape(-1) for v in params.values()])
+        self._flat = self.layout.concat(params, "meta-parameters")
         self._params = self.layout.views(self._flat)
         self._adam = AdamState()
 
@@ -109,8 +109,7 @@ class OuterOptimizer:
 
     def step(self, update: Mapping[str, Tensor], kind: Literal["gradient", "delta"]) -> None:
         """Apply one aggregated update; names and shapes must match the meta-parameters."""
-        self.layout.check(update, "update")
-        self.step_flat(torch.cat([update[k].detach().reshape(-1) for k in self.names]), kind)
+        self.step_flat(self.layout.concat(update, "update"), kind)
 
     def step_flat(self, update: Tensor, kind: Literal["gradient", "delta"]) -> None:
         """Apply one aggregated update given as one vector in ``self.layout``'s order."""
@@ -146,12 +145,10 @@ class OuterOptimizer:
         named = self._adam_state(state["optimizer"])
         self._adam = AdamState(named.step)
         if named.exp_avg:
-            self.layout.check(named.exp_avg, "checkpoint exp_avg")
-            self.layout.check(named.exp_avg_sq, "checkpoint exp_avg_sq")
-            self._adam.exp_avg[_FLAT] = torch.cat(
-                [named.exp_avg[k].reshape(-1) for k in self.names]).to(self._flat)
-            self._adam.exp_avg_sq[_FLAT] = torch.cat(
-                [named.exp_avg_sq[k].reshape(-1) for k in self.names]).to(self._flat)
+            exp_avg = self.layout.concat(named.exp_avg, "checkpoint exp_avg")
+            exp_avg_sq = self.layout.concat(named.exp_avg_sq, "checkpoint exp_avg_sq")
+            self._adam.exp_avg[_FLAT] = exp_avg.to(self._flat)
+            self._adam.exp_avg_sq[_FLAT] = exp_avg_sq.to(self._flat)
 
     def _adam_state(self, optimizer: Mapping[str, Any]) -> AdamState:
         if optimizer.get("format") == STATE_FORMAT:

@@ -114,6 +114,12 @@ class FlatLayout:
         parts = vec.split([math.prod(s) for s in self.shapes])
         return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
+    def concat(self, tensors: Mapping[str, Tensor], what: str = "tensors") -> Tensor:
+        """One vector of ``tensors`` in layout order (a copy, dtype kept), after :meth:`check`:
+        what the outer optimizer keeps its parameters, updates and moments in."""
+        self.check(tensors, what)
+        return torch.cat([tensors[k].detach().reshape(-1) for k in self.names])
+
     def check(self, tensors: Mapping[str, Tensor], what: str) -> None:
         """Same names and shapes as the layout: a flat concatenation would otherwise put a
         same-sized tensor of another shape on the wrong coordinates, silently."""
