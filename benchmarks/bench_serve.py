@@ -1,6 +1,6 @@
 """Serving benchmark: Ray Serve (default proxy, HAProxy ingress) against a bare FastAPI server.
 
-    .venv/bin/python benchmarks/bench_serve.py [--quick] [--channels 64]
+    .venv/bin/python benchmarks/bench_serve.py [--quick] [--channels 64] [--replicas N]
 
 One command, one run, one markdown report on stdout:
 
@@ -16,6 +16,11 @@ One command, one run, one markdown report on stdout:
 
 The load generator is a minimal keep-alive HTTP/1.1 client on raw sockets, so that on a 2-core
 machine the client takes as little CPU from the servers as possible.
+
+``--replicas N`` (N > 1) runs Serve with N replicas and adds a bare server of N processes
+(one listening port shared with ``SO_REUSEPORT``, as a multi-worker uvicorn or gunicorn would
+serve), so that throughput is compared process for process as well as against the
+single-process floor. Each replica, like each bare process, runs Python under one GIL.
 """
 
 from __future__ import annotations
@@ -209,7 +214,10 @@ def make_run(out: Path, channels: int) -> Path:
 
 
 def bare_server(run_dir: str, port: int) -> None:
-    """The floor: FastAPI + uvicorn, same store and validation, compute inline, no Ray."""
+    """The floor: FastAPI + uvicorn, same store and validation, compute inline, no Ray.
+
+    The listening socket has ``SO_REUSEPORT``, so several of these processes on one port
+    share the connections (the kernel balances them), as a multi-worker server does."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -226,7 +234,12 @@ def bare_server(run_dir: str, port: int) -> None:
         return {"model_id": model_id, "resolved_model_id": model.id,
                 **outputs_to_prediction(model.spec.task_type, out)}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -251,9 +264,9 @@ def image(seed: int) -> list[list[float]]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def process_role(pid: int, cmdline: str, server_pid: int | None) -> str | None:
+def process_role(pid: int, cmdline: str, server_pids: set[int]) -> str | None:
     """Which part of the serving path a process is (None: not ours to count)."""
-    if pid == server_pid:
+    if pid in server_pids:
         return "server"
     if "ServeReplica" in cmdline:
         return "replica"
@@ -264,7 +277,7 @@ def process_role(pid: int, cmdline: str, server_pid: int | None) -> str | None:
     return None
 
 
-def cpu_by_role(server_pid: int | None = None) -> dict[str, float]:
+def cpu_by_role(server_pids: set[int] | None = None) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role's processes, and by this client.
 
     Per-request CPU is steadier than req/s on a shared 2-core VM, and says which process a
@@ -280,7 +293,7 @@ def cpu_by_role(server_pid: int | None = None) -> dict[str, float]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        role = process_role(int(entry.name), cmdline, server_pid)
+        role = process_role(int(entry.name), cmdline, server_pids or set())
         if role is not None:  # utime, stime: fields 14, 15 of stat (12, 13 after the name)
             totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
     own = os.times()
@@ -289,7 +302,7 @@ def cpu_by_role(server_pid: int | None = None) -> dict[str, float]:
 
 
 def measure_predict(port: int, args: argparse.Namespace,
-                    server_pid: int | None = None) -> dict[str, Any]:
+                    server_pids: set[int] | None = None) -> dict[str, Any]:
     payloads = [{"inputs": [image(i)]} for i in range(8)]
     client = SyncHTTP("127.0.0.1", port)
     lat = latencies(client, "/v1/models/latest/predict", payloads, args.requests)
@@ -299,10 +312,10 @@ def measure_predict(port: int, args: argparse.Namespace,
     # the steady state the row reports.
     throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0], args.concurrency,
                args.warmup_s)
-    cpu0 = cpu_by_role(server_pid)
+    cpu0 = cpu_by_role(server_pids)
     rps, codes = throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0],
                             args.concurrency, args.seconds)
-    cpu1 = cpu_by_role(server_pid)
+    cpu1 = cpu_by_role(server_pids)
     done = max(1, sum(codes.values()))
     cpu_us = {role: 1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done for role in cpu1}
     return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": rps, "codes": codes,
@@ -369,8 +382,9 @@ def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace
     t0 = time.perf_counter()
     served = start({"run_dirs": [str(run_dir)], "max_models_per_replica": args.lru,
                     "num_cpus": 1, "max_ongoing_requests": 64, "batch_max_size": 32,
-                    "access_log": args.access_log},
-                   port=port, ingress=ingress, num_cpus=2,  # type: ignore[arg-type]
+                    "access_log": args.access_log, "num_replicas": args.replicas},
+                   port=port, ingress=ingress,  # type: ignore[arg-type]
+                   num_cpus=max(2, args.replicas + 1),
                    ray_init={"log_to_driver": False})  # the client must not print replica logs
     up = time.perf_counter() - t0
     try:
@@ -383,47 +397,63 @@ def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace
     return result
 
 
-def bare_phase(run_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
+def bare_phase(run_dir: Path, port: int, args: argparse.Namespace,
+               processes: int = 1) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(run_dir),
-                             "--port", str(port)], env=env)
+    procs = [subprocess.Popen([sys.executable, __file__, "--bare-server", str(run_dir),
+                               "--port", str(port)], env=env) for _ in range(processes)]
     try:
         wait_port(port)
-        return measure_predict(port, args, server_pid=proc.pid)
+        time.sleep(2.0 if processes > 1 else 0.0)  # every process listening before the load
+        result = measure_predict(port, args, server_pids={p.pid for p in procs})
+        return {**result, "processes": processes}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def bare_label(b: dict[str, Any]) -> str:
+    n = b.get("processes", 1)
+    return f"bare FastAPI + uvicorn{f', {n} processes' if n > 1 else ''} ({b['when']})"
 
 
 # ---- report ------------------------------------------------------------------------------------
 
 def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
            args: argparse.Namespace) -> str:
-    floor = {k: statistics.mean(b[k] for b in bare) for k in ("p50", "p99", "rps")}
+    ones = [b for b in bare if b.get("processes", 1) == 1]
+    many = [b for b in bare if b.get("processes", 1) > 1]
+    floor = {k: statistics.mean(b[k] for b in ones) for k in ("p50", "p99", "rps")}
+    same = statistics.mean(b["rps"] for b in many) if many else None
     lines = [f"Predict, one 28×28 image (3-decimal pixels) per request, MAML Omniglot net "
              f"({args.channels} channels),"
              f" loopback, {os.cpu_count()} cores; latency over {args.requests} sequential "
              f"requests, throughput with {args.concurrency} concurrent keep-alive clients for "
              f"{args.seconds:.0f} s after {args.warmup_s:.0f} s of uncounted warm-up at that "
              f"concurrency. Serve's access log: {'on' if args.access_log else 'off'}"
-             " (the bare server logs nothing).", "",
+             f" (the bare server logs nothing). Serve replicas: {args.replicas}.", "",
              "| server | p50 ms | p99 ms | req/s @" + str(args.concurrency)
-             + " | p50 vs bare (≤2×) | p99 vs bare (≤3×) | req/s vs bare (≥1×) |",
-             "|---|---|---|---|---|---|---|"]
-    for i, b in enumerate(bare):
-        lines.append(f"| bare FastAPI + uvicorn ({'before' if i == 0 else 'after'}) | "
-                     f"{b['p50']:.2f} | {b['p99']:.2f} | {b['rps']:.0f} | | | |")
+             + " | p50 vs bare (≤2×) | p99 vs bare (≤3×) | req/s vs bare (≥1×) |"
+             + (f" req/s vs bare, {args.replicas} processes |" if same else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if same else "")]
+    for b in bare:
+        lines.append(f"| {bare_label(b)} | {b['p50']:.2f} | {b['p99']:.2f} | "
+                     f"{b['rps']:.0f} | | | |" + (" |" if same else ""))
     names = {"proxy": "Ray Serve, default proxy", "haproxy": "Ray Serve, HAProxy ingress"}
+    if args.replicas > 1:
+        names = {k: f"{v}, {args.replicas} replicas" for k, v in names.items()}
     for ingress, r in serve.items():
         lines.append(f"| {names[ingress]} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | "
                      f"{r['p50'] / floor['p50']:.2f}× | {r['p99'] / floor['p99']:.2f}× | "
-                     f"{r['rps'] / floor['rps']:.2f}× |")
+                     f"{r['rps'] / floor['rps']:.2f}× |"
+                     + (f" {r['rps'] / same:.2f}× |" if same else ""))
     roles = ("server", "replica", "haproxy", "ray, other", "client")
     lines += ["", "CPU per request under the throughput load (µs, user + system, by process):",
               "", "| server | " + " | ".join(roles) + " | all |",
               "|---|" + "---|" * (len(roles) + 1)]
-    rows = [(f"bare FastAPI + uvicorn ({'before' if i == 0 else 'after'})", b)
-            for i, b in enumerate(bare)] + [(names[k], r) for k, r in serve.items()]
+    rows = [(bare_label(b), b) for b in bare] + [(names[k], r) for k, r in serve.items()]
     for label, r in rows:
         cpu = r.get("cpu_us", {})
         lines.append(f"| {label} | " + " | ".join(f"{cpu[k]:.0f}" if k in cpu else "–"
@@ -458,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--access-log", action="store_true",
                    help="Serve's per-request access log on (the bare server logs nothing)")
     p.add_argument("--ingress", choices=["both", "proxy", "haproxy"], default="both")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="Serve replicas; > 1 also measures a bare server of as many processes")
     p.add_argument("--bare-server", metavar="RUN_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_server:
@@ -470,13 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     run_dir = make_run(Path(tempfile.mkdtemp(prefix="bench-serve-")), args.channels)
     ingresses = ["proxy", "haproxy"] if args.ingress == "both" else [args.ingress]
-    bare = [bare_phase(run_dir, args.port + 1, args)]
+    if args.replicas < 1:
+        p.error("--replicas must be >= 1")
+    counts = [1] if args.replicas == 1 else [1, args.replicas]
+    bare = [{**bare_phase(run_dir, args.port + 1, args, n), "when": "before"} for n in counts]
     serve: dict[str, dict[str, Any]] = {}
     for ingress in ingresses:
         serve[ingress] = serve_phase(run_dir, ingress, args.port, args,
                                      extras=ingress == ingresses[-1])
         print(f"[{ingress} done]", file=sys.stderr, flush=True)
-    bare.append(bare_phase(run_dir, args.port + 1, args))
+    bare += [{**bare_phase(run_dir, args.port + 1, args, n), "when": "after"} for n in counts]
     print(report(bare, serve, args))
     return 0
 

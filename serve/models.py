@@ -32,7 +32,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -214,7 +213,7 @@ class LoadedModel:
     spec: ModelSpec
     batch_independent: bool
     fingerprint: str = ""
-    vmappable: bool = True
+    groupable: bool = True  # predict_groups worked (or was not tried yet)
 
     @property
     def id(self) -> str:
@@ -527,10 +526,10 @@ def predict_many(items: Sequence[tuple[LoadedModel, Tensor]]) -> list[Tensor]:
 
     * Batch-independent models (no BatchNorm): one forward over the concatenated inputs.
     * Batch-statistics models (MAML's nets): requests with the same input shape are stacked
-      and run under ``torch.func.vmap``, which keeps one set of BatchNorm statistics per
-      request while the convolutions run as one large call (2-3x less compute per request
-      here at 16 requests). If an algorithm's ``predict`` cannot be vmapped, requests run one
-      by one.
+      and run through ``algorithm.predict_groups``, which keeps one set of BatchNorm
+      statistics per request while the convolutions run as one large call
+      (:mod:`metalearn.group_forward`; ``vmap`` for other architectures). If that fails,
+      requests run one by one.
 
     Either way a batched answer equals the unbatched one (to float rounding, ~1e-6).
     """
@@ -546,11 +545,11 @@ def predict_many(items: Sequence[tuple[LoadedModel, Tensor]]) -> list[Tensor]:
         if len(idx) > 1 and model.batch_independent:
             outs = model.algorithm.predict(model.params, torch.cat(xs)).split(
                 [x.shape[0] for x in xs])
-        elif len(idx) > 1 and model.vmappable:
+        elif len(idx) > 1 and model.groupable:
             try:
-                outs = torch.func.vmap(partial(predict_one, model))(torch.stack(xs)).unbind(0)
+                outs = model.algorithm.predict_groups(model.params, torch.stack(xs)).unbind(0)
             except Exception:  # not vmappable (data-dependent control flow, ...): loop
-                model.vmappable = False
+                model.groupable = False
         if outs is None:
             outs = [model.algorithm.predict(model.params, x) for x in xs]
         for i, out in zip(idx, outs, strict=True):

@@ -129,12 +129,12 @@ def test_adapt_is_content_addressed_persisted_and_equal_to_the_core(
 def test_batched_predictions_equal_unbatched(store: ModelStore) -> None:
     omni, sine = store.get("omni@latest"), store.get("sine@latest")
     assert not omni.batch_independent and sine.batch_independent
-    items = [(omni, _images(3, s).unsqueeze(1)) for s in range(3)]  # stacked under vmap
+    items = [(omni, _images(3, s).unsqueeze(1)) for s in range(3)]  # one grouped pass
     items += [(omni, _images(2, 9).unsqueeze(1))]  # another shape: its own pass
     items += [(sine, torch.linspace(-5, 5, n).unsqueeze(1)) for n in (1, 4, 9)]  # concatenated
     for (model, x), out in zip(items, predict_many(items), strict=True):
         torch.testing.assert_close(out, predict_one(model, x), atol=1e-5, rtol=0)
-    assert omni.vmappable
+    assert omni.groupable
 
 
 def test_site_models_and_listing(store: ModelStore, runs: tuple[Path, Path]) -> None:

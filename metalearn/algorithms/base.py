@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
@@ -100,6 +101,13 @@ class MetaAlgorithm(ABC):
     @abstractmethod
     def predict(self, adapted: Params, x: Tensor) -> Tensor:
         """Outputs of the adapted state on inputs ``x`` (logits, or regression values)."""
+
+    def predict_groups(self, adapted: Params, x: Tensor) -> Tensor:
+        """Outputs ``[G, n, ...]`` for ``G`` independent input batches ``x`` ``[G, n, ...]``,
+        each as :meth:`predict` gives it alone (a server groups concurrent requests this way).
+        The default runs :meth:`predict` under ``torch.func.vmap``, which keeps every batch's
+        own normalisation statistics; subclasses may offer a faster exact route."""
+        return torch.func.vmap(partial(self.predict, adapted))(x)
 
     def meta_update(self, params: Params, tasks: TaskBatch) -> MetaUpdate:
         """One local meta-step's update: the meta-gradient, its task count and metrics."""
