@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments.config import ConfigError, load_config
+from experiments.stopping import exit_code
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -30,16 +31,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
     cfg = load_config(_resolve_config(args.config), args.set)
-    train(cfg, resume=not args.fresh)
-    return 0
+    return exit_code(train(cfg, resume=not args.fresh))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
     cfg = load_config(_resolve_config(args.config), args.set)
-    train_federated(cfg, resume=not args.fresh, address=args.address)
-    return 0
+    return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ import torch
 from cluster.topology import ACTOR_RESOURCE_REQUEST, CLOUD_RESOURCE, Topology, site_resource
 from experiments.config import ConfigError, ExperimentConfig, FederatedConfig, load_config
 from experiments.runlog import RunLog
+from experiments.stopping import StopRequests, exit_code
 from experiments.train import _headline
 from metalearn.aggregation import Aggregator, build_aggregator
 from metalearn.algorithms.base import MetaUpdate
@@ -476,54 +477,63 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
              f"{per_site} tasks per site, {fed.local_steps} local step(s), "
              f"{rounds} rounds -> {run_dir}")
         budget = cfg.train.time_budget_s
-        while round_idx < rounds and (budget is None or elapsed < budget):
-            t0 = time.perf_counter()
-            round_idx += 1
-            participants = choose_participants(site_names, devices, fed, cfg.seed, round_idx)
-            params_ref = broadcast(outer.flat_params().to(torch.float32).numpy(),
-                                   len(participants))
-            t_sent = time.perf_counter()
-            outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
-            t_back = time.perf_counter()
-            if len(outcome.updates) >= fed.quorum:
-                aggregated = aggregator.aggregate(outcome.updates)[FLAT_KEY]
-                t_aggregated = time.perf_counter()
-                outer.step_flat(aggregated, outcome.updates[0].kind)
-                missed = 0
-            else:
-                t_aggregated = t_back
-                missed += 1
-            t_end = time.perf_counter()
-            row = round_row(round_idx, outcome, param_bytes, site_names, wall_s=t_end - t0)
-            row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
-                       outer_step_s=t_end - t_aggregated)
-            row["skipped"] = len(outcome.updates) < fed.quorum
-            elapsed += time.perf_counter() - t0
-            row["time_s"] = elapsed
-            site_log.extend([{"round": round_idx, **s} for s in outcome.sites])
-            if cfg.train.eval_every and round_idx % cfg.train.eval_every == 0:
-                result = ray.get(_cloud_task(_meta_test_task, topology).remote(
-                    cfg, outer.params, cfg.train.eval_episodes))
-                row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
-                echo(f"  round {round_idx}: meta-test {_headline(result)}")
-            log.append(row)
-            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
-            if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
-                echo(f"round {round_idx}/{rounds} arrived {row['arrived']}/{row['called']} "
-                     f"{_metric_text(row)} wall {row['wall_s']:.2f}s overhead "
-                     f"{row['overhead_s']:.3f}s" + (f" [{', '.join(trouble)}]" if trouble else "")
-                     + (" SKIPPED (below quorum)" if row["skipped"] else ""))
-            if missed >= fed.max_missed_rounds:
-                checkpoint()
-                raise RuntimeError(f"{missed} rounds in a row below quorum {fed.quorum}; "
-                                   f"last errors: {trouble}")
-            if round_idx % cfg.train.checkpoint_every == 0:
-                checkpoint()
-            if fed.stop_after_rounds is not None and round_idx >= fed.stop_after_rounds:
-                checkpoint()
-                echo(f"stopping after round {round_idx} (federated.stop_after_rounds)")
-                return {"name": cfg.name, "stopped_after_round": round_idx}
+        with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the round, checkpoint
+            while (round_idx < rounds and (budget is None or elapsed < budget)
+                   and not stop.requested):
+                t0 = time.perf_counter()
+                round_idx += 1
+                participants = choose_participants(site_names, devices, fed, cfg.seed, round_idx)
+                params_ref = broadcast(outer.flat_params().to(torch.float32).numpy(),
+                                       len(participants))
+                t_sent = time.perf_counter()
+                outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
+                t_back = time.perf_counter()
+                if len(outcome.updates) >= fed.quorum:
+                    aggregated = aggregator.aggregate(outcome.updates)[FLAT_KEY]
+                    t_aggregated = time.perf_counter()
+                    outer.step_flat(aggregated, outcome.updates[0].kind)
+                    missed = 0
+                else:
+                    t_aggregated = t_back
+                    missed += 1
+                t_end = time.perf_counter()
+                row = round_row(round_idx, outcome, param_bytes, site_names, wall_s=t_end - t0)
+                row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
+                           outer_step_s=t_end - t_aggregated)
+                row["skipped"] = len(outcome.updates) < fed.quorum
+                elapsed += time.perf_counter() - t0
+                row["time_s"] = elapsed
+                site_log.extend([{"round": round_idx, **s} for s in outcome.sites])
+                if cfg.train.eval_every and round_idx % cfg.train.eval_every == 0:
+                    result = ray.get(_cloud_task(_meta_test_task, topology).remote(
+                        cfg, outer.params, cfg.train.eval_episodes))
+                    row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
+                    echo(f"  round {round_idx}: meta-test {_headline(result)}")
+                log.append(row)
+                trouble = [f"{s['site']} {s['status']}" for s in outcome.sites
+                           if s["status"] != "ok"]
+                if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
+                    echo(f"round {round_idx}/{rounds} arrived {row['arrived']}/{row['called']} "
+                         f"{_metric_text(row)} wall {row['wall_s']:.2f}s overhead "
+                         f"{row['overhead_s']:.3f}s"
+                         + (f" [{', '.join(trouble)}]" if trouble else "")
+                         + (" SKIPPED (below quorum)" if row["skipped"] else ""))
+                if missed >= fed.max_missed_rounds:
+                    checkpoint()
+                    raise RuntimeError(f"{missed} rounds in a row below quorum {fed.quorum}; "
+                                       f"last errors: {trouble}")
+                if round_idx % cfg.train.checkpoint_every == 0:
+                    checkpoint()
+                if fed.stop_after_rounds is not None and round_idx >= fed.stop_after_rounds:
+                    checkpoint()
+                    echo(f"stopping after round {round_idx} (federated.stop_after_rounds)")
+                    return {"name": cfg.name, "stopped_after_round": round_idx}
         checkpoint()
+        if stop.signal is not None:
+            echo(f"stopped by {stop.signal.name} after round {round_idx}; checkpoint saved in "
+                 f"{run_dir}: run the same command to resume")
+            return {"name": cfg.name, "stopped_by": stop.signal.name,
+                    "stopped_after_round": round_idx}
 
         params = outer.params
         personal = personalize_sites(edges, params, fed.personalize_episodes, echo)
@@ -660,11 +670,11 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.cli import _resolve_config
 
         cfg = load_config(_resolve_config(args.config), args.set)
-        train_federated(cfg, resume=not args.fresh, address=args.address)
+        summary = train_federated(cfg, resume=not args.fresh, address=args.address)
     except (ConfigError, FileNotFoundError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

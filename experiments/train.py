@@ -3,7 +3,8 @@
 Read top to bottom, it is the whole algorithm: sample a batch of tasks, ask the algorithm for the
 meta-gradient, let the outer optimizer apply it, log, checkpoint, and evaluate on meta-test
 characters that training never sees. Re-running the same config resumes from the latest
-checkpoint of its run folder.
+checkpoint of its run folder; Ctrl-C or SIGTERM stops after the current step with a checkpoint
+(:mod:`experiments.stopping`), so a stopped run loses nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from experiments.config import ExperimentConfig
 from experiments.runlog import RunLog
+from experiments.stopping import StopRequests
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import load_checkpoint, resume_from_latest, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
@@ -52,7 +54,10 @@ def _headline(result: dict[str, Any]) -> str:
 
 
 def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) -> dict[str, Any]:
-    """Train centrally as configured, write the run folder, and return the summary."""
+    """Train centrally as configured, write the run folder, and return the summary.
+
+    Stopped by SIGINT/SIGTERM, it checkpoints the last finished step and returns
+    ``{"stopped_by": "SIGTERM", "train_steps": ...}`` without meta-testing."""
     run_dir = cfg.run_dir
     spec = cfg.to_dict()
     log = RunLog(run_dir)
@@ -82,27 +87,18 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
     echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
          f"for {cfg.train.steps} steps -> {run_dir}")
     budget = cfg.train.time_budget_s
-    while step < cfg.train.steps and (budget is None or elapsed < budget):
-        t0 = time.perf_counter()
-        tasks = sampler.sample(cfg.train.meta_batch)
-        update = algorithm.meta_update(outer.params, tasks)
-        outer.step(update.tensors, update.kind)
-        step += 1
-        elapsed += time.perf_counter() - t0
-        row: dict[str, Any] = {"step": step, "time_s": elapsed, "tasks": step * len(tasks),
-                               **update.metrics}
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            result = meta_test(cfg, algorithm, outer.params, cfg.train.eval_episodes)
-            row.update({f"test_{k}": v for k, v in result.items()
-                        if isinstance(v, float)})
-            echo(f"  step {step}: meta-test {_headline(result)}")
-        log.append(row)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = " ".join(f"{k} {v:.3f}" for k, v in update.metrics.items())
-            echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
-        if step % cfg.train.checkpoint_every == 0:
-            checkpoint()
-    checkpoint()
+    with StopRequests() as stop:
+        while (step < cfg.train.steps and (budget is None or elapsed < budget)
+               and not stop.requested):
+            step, elapsed = _one_step(cfg, algorithm, outer, sampler, log, step, elapsed, echo)
+            if step % cfg.train.checkpoint_every == 0:
+                checkpoint()
+        checkpoint()
+    if stop.signal is not None:
+        echo(f"stopped by {stop.signal.name} after step {step}; checkpoint saved in {run_dir}: "
+             "run the same command to resume")
+        return {"name": cfg.name, "stopped_by": stop.signal.name, "train_steps": step,
+                "train_time_s": round(elapsed, 2)}
 
     echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
     result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes)
@@ -112,6 +108,29 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
     log.write_summary(summary)
     echo(f"{cfg.name}: {_headline(result)} after {step} steps ({elapsed:.0f} s)")
     return summary
+
+
+def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptimizer,
+              sampler: Any, log: RunLog, step: int, elapsed: float, echo: Printer
+              ) -> tuple[int, float]:
+    """One meta-step: sample tasks, meta-gradient, outer step; log (and evaluate) it."""
+    t0 = time.perf_counter()
+    tasks = sampler.sample(cfg.train.meta_batch)
+    update = algorithm.meta_update(outer.params, tasks)
+    outer.step(update.tensors, update.kind)
+    step += 1
+    elapsed += time.perf_counter() - t0
+    row: dict[str, Any] = {"step": step, "time_s": elapsed, "tasks": step * len(tasks),
+                           **update.metrics}
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        result = meta_test(cfg, algorithm, outer.params, cfg.train.eval_episodes)
+        row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
+        echo(f"  step {step}: meta-test {_headline(result)}")
+    log.append(row)
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        metrics = " ".join(f"{k} {v:.3f}" for k, v in update.metrics.items())
+        echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
+    return step, elapsed
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,33 @@ def test_bundled_federated_configs_validate() -> None:
         cfg = load_config(CONFIG_DIR / f"{name}.yaml")
         assert cfg.federated is not None
         assert len(cfg.federated.resolved_topology().sites) >= 2
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_driver_after_a_round_with_a_checkpoint(tmp_path: Path) -> None:
+    """`ray job stop` or a scheduler sends SIGTERM: the driver finishes the round at hand,
+    checkpoints it and exits 143, so the same command resumes there."""
+    raw = sinusoid_raw(tmp_path)
+    raw["train"] = {**raw["train"], "steps": 10_000, "checkpoint_every": 10_000}
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.federated", str(path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("round 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM after round" in out and "meta-testing" not in out
+    run = tmp_path / "runs" / "fed-cli"
+    rounds = pd.read_parquet(run / "metrics.parquet")["round"].tolist()
+    assert len(rounds) >= 2 and rounds == list(range(1, len(rounds) + 1))
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{rounds[-1]:06d}.pt" and not (run / "summary.json").exists()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +15,7 @@ import torch
 import yaml
 
 from experiments.cli import main
+from experiments.stopping import StopRequests
 from metalearn.checkpoint import latest_step, list_checkpoints, load_checkpoint
 
 SINUSOID = {
@@ -93,3 +98,48 @@ def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert main(["train", str(bad)]) == 2
     assert "train.stpes: unknown key" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path)]) == 2
+
+
+def test_sigterm_stops_after_a_step_and_the_run_resumes_to_the_same_result(
+        tmp_path: Path) -> None:
+    """A stopped run loses nothing: SIGTERM mid-run checkpoints the last finished step (exit
+    143), and the same command then ends exactly where an uninterrupted run ends."""
+    long = {**SINUSOID, "train": {**SINUSOID["train"], "steps": 10**6, "log_every": 20,
+                                  "checkpoint_every": 10**6}}
+    config = _write(tmp_path, "stopped", long)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "train", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until it is training
+        if line.startswith("step 40/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "stopped by SIGTERM after step" in rest and "meta-testing" not in rest
+    run = tmp_path / "runs" / "stopped"
+    stopped_at = latest_step(run)
+    assert stopped_at >= 40 and list_checkpoints(run) == [stopped_at]
+    assert not (run / "summary.json").exists()
+    assert list(pd.read_parquet(run / "metrics.parquet")["step"]) == list(range(1, stopped_at + 1))
+
+    end = stopped_at + 7
+    assert main(["train", str(config), "--set", f"train.steps={end}"]) == 0
+    straight = _write(tmp_path, "straight", {**SINUSOID, "train": {**SINUSOID["train"],
+                                                                   "steps": end}})
+    assert main(["train", str(straight)]) == 0
+    a = load_checkpoint(run)["params"]
+    b = load_checkpoint(tmp_path / "runs" / "straight")["params"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_requests_flag_the_first_signal_and_restore_handlers() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequests() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)  # would end the test process without the guard
+        assert stop.signal is signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second signal acts at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
