@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metalearn.algorithms.maml_func import _STATELESS, Unsupported
 from metalearn.models import OmniglotConvNet, SinusoidMLP
 from metalearn.params import Params
 
-_ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ELU,
-                nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
-
-
-class Unsupported(TypeError):
-    """The model holds a layer that this forward cannot run group by group."""
+__all__ = ["Unsupported", "forward_groups"]
 
 
 def _per_group_batch_norm(h: Tensor, bn: nn.BatchNorm2d, weight: Tensor | None,
@@ -58,7 +54,7 @@ def _features(seq: nn.Module, prefix: str, params: Params, h: Tensor, groups: in
         elif isinstance(layer, nn.BatchNorm2d):
             h = _per_group_batch_norm(h, layer, params.get(key + "weight"),
                                       params.get(key + "bias"), groups)
-        elif isinstance(layer, _ELEMENTWISE):
+        elif isinstance(layer, _STATELESS):
             h = layer(h)
         else:
             raise Unsupported(f"no per-group forward for layer {type(layer).__name__}")

@@ -548,7 +548,7 @@ def predict_many(items: Sequence[tuple[LoadedModel, Tensor]]) -> list[Tensor]:
         elif len(idx) > 1 and model.groupable:
             try:
                 outs = model.algorithm.predict_groups(model.params, torch.stack(xs)).unbind(0)
-            except Exception:  # not vmappable (data-dependent control flow, ...): loop
+            except Exception:  # cannot be grouped (data-dependent control flow, ...): loop
                 model.groupable = False
         if outs is None:
             outs = [model.algorithm.predict(model.params, x) for x in xs]
