@@ -1,14 +1,16 @@
 """Batched predictions for a server: G single-request groups through one model, three ways.
 
-    .venv/bin/python benchmarks/bench_group_forward.py [--threads 1] [--reps 30]
+    .venv/bin/python benchmarks/bench_group_forward.py [--threads 1] [--reps 30] [--images 1]
 
 Rows: a loop of ``algorithm.predict`` (what a server without batching does), the same under
 ``torch.func.vmap`` (what ``predict_many`` did before), and
 :func:`metalearn.group_forward.forward_groups` (what ``algorithm.predict_groups`` does now), for
-G = 1, 4, 8, 16 and 32 groups of one 28×28 image; the MAML Omniglot net, 64 channels, batch
-statistics per group. Times are medians in ms; the last columns are each fast path's largest
-difference to the loop (they must agree to float rounding). The three run interleaved, so that
-load from other processes hits them alike.
+G = 1, 4, 8, 16 and 32 groups of ``--images`` 28×28 images (default one); the MAML Omniglot net,
+64 channels, batch statistics per group. Times are medians in ms; the last columns are each
+fast path's largest difference to the loop (they must agree to float rounding). A fourth
+column runs ``forward_groups`` in passes of at most ``--max-images`` images, as
+``serve.models.predict_many`` does. All run interleaved, so that load from other processes hits
+them alike.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from metalearn.algorithms import build_algorithm
 from metalearn.models import OmniglotConvNet
+from serve.models import passes
 
 
 def median_ms(fns: dict[str, Callable[[], torch.Tensor]], reps: int) -> dict[str, float]:
@@ -40,17 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (a replica uses 1)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--images", type=int, default=1, help="28×28 images a group (a request)")
+    p.add_argument("--max-images", type=int, default=32,
+                   help="the cap on a pass's images (serve's batch_max_images)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     alg = build_algorithm("maml", OmniglotConvNet(ways=5, channels=64), "classification")
     params = alg.init_params()
-    print("| groups | loop ms | vmap ms | forward_groups ms | vmap / forward_groups "
-          "| max diff vmap | max diff forward_groups |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| groups | loop ms | vmap ms | forward_groups ms | in passes of ≤ {args.max_images} "
+          "images ms | vmap / forward_groups | max diff vmap | max diff forward_groups |")
+    print("|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for groups in (1, 4, 8, 16, 32):
-            x = torch.rand(groups, 1, 1, 28, 28)
+            x = torch.rand(groups, args.images, 1, 28, 28)
 
             def loop(x: torch.Tensor = x) -> torch.Tensor:
                 return torch.stack([alg.predict(params, xg) for xg in x])
@@ -61,9 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             def grouped(x: torch.Tensor = x) -> torch.Tensor:
                 return alg.predict_groups(params, x)
 
-            ms = median_ms({"loop": loop, "vmap": vmapped, "groups": grouped}, args.reps)
+            def capped(x: torch.Tensor = x) -> torch.Tensor:
+                runs = passes([args.images] * len(x), args.max_images)
+                return torch.cat([alg.predict_groups(params, x[run]) for run in runs])
+
+            ms = median_ms({"loop": loop, "vmap": vmapped, "groups": grouped, "capped": capped},
+                           args.reps)
             ref = loop()
             print(f"| {groups} | {ms['loop']:.2f} | {ms['vmap']:.2f} | {ms['groups']:.2f} | "
+                  f"{ms['capped']:.2f} | "
                   f"{ms['vmap'] / ms['groups']:.1f}× | {(vmapped() - ref).abs().max():.1e} | "
                   f"{(grouped() - ref).abs().max():.1e} |")
     return 0

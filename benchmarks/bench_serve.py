@@ -1,14 +1,18 @@
 """Serving benchmark: Ray Serve (default proxy, HAProxy ingress) against a bare FastAPI server.
 
     .venv/bin/python benchmarks/bench_serve.py [--quick] [--channels 64] [--replicas N]
+        [--images 1] [--no-floor]
 
 One command, one run, one markdown report on stdout:
 
-1. predict latency (p50/p99, one client, one 28×28 image per request) and throughput
-   (32 concurrent clients) over loopback, for a bare FastAPI + uvicorn process holding the same
-   model (the floor: same store, same validation, no Ray), then Serve with its default Python
-   proxy, then Serve with the HAProxy ingress (Ray is restarted in between: the ingress is
-   chosen when Ray starts). The bare server is measured again at the end to show drift.
+1. predict latency (p50/p99, one client, ``--images`` 28×28 images per request) and
+   throughput (32 concurrent clients) over loopback, for a bare FastAPI + uvicorn process
+   holding the same model (the floor: same store, same validation, no Ray), then Serve with its
+   default Python proxy, then Serve with the HAProxy ingress (Ray is restarted in between: the
+   ingress is chosen when Ray starts). With HAProxy, the *Serve floor* follows: the bare
+   server's own FastAPI app deployed as one Serve replica, which separates what Serve costs a
+   request from what edgemeta's application (batching, multiplexing, gate, schema) adds or
+   saves. The bare server is measured again at the end to show drift.
 2. ``/v1/adapt`` latency, 5-way 1-shot, 1 / 5 / 10 inner steps (a fresh support set every
    request, so every request runs the inner loop).
 3. multiplexing: predict latency with 4 / 32 / 256 distinct adapted models in rotation, with
@@ -47,9 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- a tiny HTTP client ------------------------------------------------------------------------
 
-def _request(path: str, body: bytes, host: str) -> bytes:
+def _request(path: str, body: bytes, host: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 def _parse_head(head: bytes) -> tuple[int, int]:
@@ -159,8 +164,9 @@ async def _worker(host: str, port: int, raw: bytes, stop_at: float, codes: dict[
 
 
 def throughput(host: str, port: int, path: str, payload: dict[str, Any], concurrency: int,
-               seconds: float) -> tuple[float, dict[int, int]]:
-    raw = _request(path, json.dumps(payload).encode(), f"{host}:{port}")
+               seconds: float, headers: dict[str, str] | None = None
+               ) -> tuple[float, dict[int, int]]:
+    raw = _request(path, json.dumps(payload).encode(), f"{host}:{port}", headers)
     codes: dict[int, int] = {}
 
     async def run() -> int:
@@ -213,33 +219,57 @@ def make_run(out: Path, channels: int) -> Path:
     return cfg.run_dir
 
 
-def bare_server(run_dir: str, port: int) -> None:
-    """The floor: FastAPI + uvicorn, same store and validation, compute inline, no Ray.
+def bare_app(run_dir: str) -> Any:
+    """The floor's FastAPI app: same store and validation as edgemeta's, compute inline.
 
-    The listening socket has ``SO_REUSEPORT``, so several of these processes on one port
-    share the connections (the kernel balances them), as a multi-worker server does."""
-    import uvicorn
+    The store is built on the first request, in whichever process serves it, so the same app
+    object runs in the bare uvicorn process and, pickled, inside a Serve replica."""
     from fastapi import FastAPI
 
     from serve.models import ModelStore, outputs_to_prediction, predict_one
 
-    torch.set_num_threads(1)
-    store = ModelStore([run_dir], cache_size=16)
+    state: dict[str, Any] = {}
     app = FastAPI()
 
     @app.post("/v1/models/{model_id}/predict")
     async def predict(model_id: str, body: PredictRequest) -> dict[str, Any]:
-        model = store.get(model_id)
+        if "store" not in state:
+            torch.set_num_threads(1)
+            state["store"] = ModelStore([run_dir], cache_size=16)
+        model = state["store"].get(model_id)
         out = predict_one(model, model.spec.inputs(body.inputs, 256))
         return {"model_id": model_id, "resolved_model_id": model.id,
                 **outputs_to_prediction(model.spec.task_type, out)}
+
+    return app
+
+
+def bare_server(run_dir: str, port: int) -> None:
+    """The floor: :func:`bare_app` on uvicorn, no Ray.
+
+    The listening socket has ``SO_REUSEPORT``, so several of these processes on one port
+    share the connections (the kernel balances them), as a multi-worker server does."""
+    import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    config = uvicorn.Config(bare_app(run_dir), log_level="warning", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_floor_app(run_dir: str) -> Any:
+    """The same :func:`bare_app` deployed as a Serve replica (no edgemeta code path: no batching,
+    multiplexing, gate or response schema): what Serve itself costs a request."""
+    from ray import serve
+
+    @serve.deployment(name="Floor", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+    @serve.ingress(bare_app(run_dir))
+    class Floor:
+        pass
+
+    return Floor.bind()
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -302,19 +332,20 @@ def cpu_by_role(server_pids: set[int] | None = None) -> dict[str, float]:
 
 
 def measure_predict(port: int, args: argparse.Namespace,
-                    server_pids: set[int] | None = None) -> dict[str, Any]:
-    payloads = [{"inputs": [image(i)]} for i in range(8)]
+                    server_pids: set[int] | None = None, prefix: str = "") -> dict[str, Any]:
+    path = f"{prefix}/v1/models/latest/predict"
+    payloads = [{"inputs": [image(i * args.images + k) for k in range(args.images)]}
+                for i in range(8)]
     client = SyncHTTP("127.0.0.1", port)
-    lat = latencies(client, "/v1/models/latest/predict", payloads, args.requests)
+    lat = latencies(client, path, payloads, args.requests)
     client.close()
     # Warm-up at full concurrency, not counted (every server gets the same): the first
     # second of 32 new connections (ingress connection set-up, first batch shapes) is not
     # the steady state the row reports.
-    throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0], args.concurrency,
-               args.warmup_s)
+    throughput("127.0.0.1", port, path, payloads[0], args.concurrency, args.warmup_s)
     cpu0 = cpu_by_role(server_pids)
-    rps, codes = throughput("127.0.0.1", port, "/v1/models/latest/predict", payloads[0],
-                            args.concurrency, args.seconds)
+    rps, codes = throughput("127.0.0.1", port, path, payloads[0], args.concurrency,
+                            args.seconds)
     cpu1 = cpu_by_role(server_pids)
     done = max(1, sum(codes.values()))
     cpu_us = {role: 1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done for role in cpu1}
@@ -389,6 +420,12 @@ def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace
     up = time.perf_counter() - t0
     try:
         result: dict[str, Any] = {"startup_s": up, **measure_predict(port, args)}
+        if args.floor and ingress == "haproxy":
+            from ray import serve
+
+            # Deployed once edgemeta's load is over; its idle replica stays up beside.
+            serve.run(serve_floor_app(str(run_dir)), name="floor", route_prefix="/floor")
+            result["floor"] = measure_predict(port, args, prefix="/floor")
         if extras:
             result["adapt"] = measure_adapt(port, args)
             result["multiplex"] = measure_multiplex(port, args)
@@ -421,13 +458,17 @@ def bare_label(b: dict[str, Any]) -> str:
 
 # ---- report ------------------------------------------------------------------------------------
 
+FLOOR_LABEL = "Serve floor: the bare app as one Serve replica, HAProxy"
+
+
 def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
            args: argparse.Namespace) -> str:
     ones = [b for b in bare if b.get("processes", 1) == 1]
     many = [b for b in bare if b.get("processes", 1) > 1]
     floor = {k: statistics.mean(b[k] for b in ones) for k in ("p50", "p99", "rps")}
     same = statistics.mean(b["rps"] for b in many) if many else None
-    lines = [f"Predict, one 28×28 image (3-decimal pixels) per request, MAML Omniglot net "
+    lines = [f"Predict, {args.images} 28×28 image(s) (3-decimal pixels) per request, MAML "
+             f"Omniglot net "
              f"({args.channels} channels),"
              f" loopback, {os.cpu_count()} cores; latency over {args.requests} sequential "
              f"requests, throughput with {args.concurrency} concurrent keep-alive clients for "
@@ -444,8 +485,10 @@ def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
     names = {"proxy": "Ray Serve, default proxy", "haproxy": "Ray Serve, HAProxy ingress"}
     if args.replicas > 1:
         names = {k: f"{v}, {args.replicas} replicas" for k, v in names.items()}
-    for ingress, r in serve.items():
-        lines.append(f"| {names[ingress]} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | "
+    rows = [(names[k], r) for k, r in serve.items()]
+    rows += [(FLOOR_LABEL, r["floor"]) for r in serve.values() if "floor" in r]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']:.0f} | "
                      f"{r['p50'] / floor['p50']:.2f}× | {r['p99'] / floor['p99']:.2f}× | "
                      f"{r['rps'] / floor['rps']:.2f}× |"
                      + (f" {r['rps'] / same:.2f}× |" if same else ""))
@@ -453,7 +496,7 @@ def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
     lines += ["", "CPU per request under the throughput load (µs, user + system, by process):",
               "", "| server | " + " | ".join(roles) + " | all |",
               "|---|" + "---|" * (len(roles) + 1)]
-    rows = [(bare_label(b), b) for b in bare] + [(names[k], r) for k, r in serve.items()]
+    rows = [(bare_label(b), b) for b in bare] + rows
     for label, r in rows:
         cpu = r.get("cpu_us", {})
         lines.append(f"| {label} | " + " | ".join(f"{cpu[k]:.0f}" if k in cpu else "–"
@@ -490,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress", choices=["both", "proxy", "haproxy"], default="both")
     p.add_argument("--replicas", type=int, default=1,
                    help="Serve replicas; > 1 also measures a bare server of as many processes")
+    p.add_argument("--images", type=int, default=1, help="28×28 images per predict request")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the Serve floor (the bare app deployed through Serve, HAProxy)")
     p.add_argument("--bare-server", metavar="RUN_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_server:

@@ -1,7 +1,7 @@
 """Throughput of one Serve replica under one replica setting, optionally under a profiler.
 
     .venv/bin/python benchmarks/serve_throughput_ab.py [--access-log] [--torch-inline]
-        [--separate-loop] [--profile OUT.txt]
+        [--separate-loop] [--disconnect-disabled] [--profile OUT.txt]
 
 Starts edgemeta's Serve app (HAProxy ingress) on the benchmark's run folder, warms it up for
 2 s, then drives 32 concurrent keep-alive clients for 8 s and prints req/s. With ``--profile``
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1 (Serve's own default)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="@serve.batch's wait for more requests (0: batch what is queued)")
+    p.add_argument("--disconnect-disabled", action="store_true",
+                   help="clients send Serve's x-request-disconnect-disabled: ?1")
     p.add_argument("--profile", type=Path, default=None, help="py-spy raw output file")
     p.add_argument("--port", type=int, default=8151)
     args = p.parse_args(argv)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                    ray_init={"log_to_driver": False})
     try:
         payload = {"inputs": [bench_serve.image(1)]}
-        bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 2.0)
+        headers = {"x-request-disconnect-disabled": "?1"} if args.disconnect_disabled else None
+        bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 2.0, headers)
         profiler = None
         if args.profile:
             pid = subprocess.run(["pgrep", "-f", "ServeReplica:edgemeta"], capture_output=True,
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                  "-r", "200", "-f", "raw", "-o", str(args.profile), "--threads",
                  "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu0 = bench_serve.cpu_by_role()
-        rps, codes = bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 8.0)
+        rps, codes = bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 8.0,
+                                            headers)
         cpu1 = bench_serve.cpu_by_role()
         if profiler is not None:
             profiler.wait()
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{role} {1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done:.0f}" for role in cpu1),
             flush=True)
         print(f"req/s {rps:.0f} (access_log={args.access_log}, torch_inline={args.torch_inline},"
-              f" separate_loop={args.separate_loop}, batch_wait_ms={args.batch_wait_ms}) "
+              f" separate_loop={args.separate_loop}, batch_wait_ms={args.batch_wait_ms},"
+              f" disconnect_disabled={args.disconnect_disabled}) "
               f"codes {codes}", flush=True)
     finally:
         served.stop()

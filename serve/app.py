@@ -181,7 +181,7 @@ class EdgeMetaServer:
                              ) -> list[torch.Tensor | BaseException]:
         def run() -> list[torch.Tensor | BaseException]:
             try:
-                return list(predict_many(items))
+                return list(predict_many(items, self.settings.batch_max_images))
             except Exception:  # one bad group must not fail the others: retry one by one
                 out: list[torch.Tensor | BaseException] = []
                 for model, x in items:

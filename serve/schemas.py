@@ -162,6 +162,8 @@ class ServeSettings(BaseModel):
     latest_poll_ms: float = Field(200.0, ge=0, description="how stale `latest` may be")
     batch_max_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what is already queued")
+    batch_max_images: int = Field(32, ge=1, description="inputs a batched forward pass holds "
+                                  "at most (more requests: more passes)")
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     retry_after_s: float = Field(1.0, ge=0)

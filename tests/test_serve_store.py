@@ -18,6 +18,7 @@ from serve.models import (
     UnknownModel,
     adapted_key,
     fingerprint,
+    passes,
     predict_many,
     predict_one,
 )
@@ -135,6 +136,29 @@ def test_batched_predictions_equal_unbatched(store: ModelStore) -> None:
     for (model, x), out in zip(items, predict_many(items), strict=True):
         torch.testing.assert_close(out, predict_one(model, x), atol=1e-5, rtol=0)
     assert omni.groupable
+    # Capped at 4 inputs a pass: the 3-image group and the sinusoid requests split into
+    # several passes; every answer is still the unbatched one.
+    for (model, x), out in zip(items, predict_many(items, max_images=4), strict=True):
+        torch.testing.assert_close(out, predict_one(model, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("sizes", "cap", "expected"), [
+    ([], 32, []),
+    ([1] * 5, 2, [(0, 2), (2, 4), (4, 5)]),
+    ([8, 8, 8, 8, 8], 32, [(0, 4), (4, 5)]),
+    ([3, 40, 1, 1], 32, [(0, 1), (1, 2), (2, 4)]),  # larger than the cap: alone
+    ([5, 5], 1, [(0, 1), (1, 2)]),
+])
+def test_passes_hold_at_most_the_cap(sizes: list[int], cap: int,
+                                     expected: list[tuple[int, int]]) -> None:
+    runs = passes(sizes, cap)
+    assert [(r.start, r.stop) for r in runs] == expected
+    assert [i for r in runs for i in range(r.start, r.stop)] == list(range(len(sizes)))
+
+
+def test_passes_reject_a_cap_below_one() -> None:
+    with pytest.raises(ValueError, match="max_images"):
+        passes([1], 0)
 
 
 def test_site_models_and_listing(store: ModelStore, runs: tuple[Path, Path]) -> None:
