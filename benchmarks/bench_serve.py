@@ -1,7 +1,7 @@
 """Serving benchmark: Ray Serve (default proxy, HAProxy ingress) against a bare FastAPI server.
 
     .venv/bin/python benchmarks/bench_serve.py [--quick] [--channels 64] [--replicas N]
-        [--images 1] [--no-floor]
+        [--images 1] [--packed] [--no-floor]
 
 One command, one run, one markdown report on stdout:
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -237,7 +238,7 @@ def bare_app(run_dir: str) -> Any:
             torch.set_num_threads(1)
             state["store"] = ModelStore([run_dir], cache_size=16)
         model = state["store"].get(model_id)
-        out = predict_one(model, model.spec.inputs(body.inputs, 256))
+        out = predict_one(model, model.spec.read(body.inputs, body.inputs_b64, 256))
         return {"model_id": model_id, "resolved_model_id": model.id,
                 **outputs_to_prediction(model.spec.task_type, out)}
 
@@ -291,6 +292,15 @@ def image(seed: int) -> list[list[float]]:
     return [[round(v, 3) for v in row] for row in torch.rand(28, 28, generator=g).tolist()]
 
 
+def predict_body(images: list[list[list[float]]], packed: bool) -> dict[str, Any]:
+    """A predict request's body: JSON numbers, or ``inputs_b64`` (float32, base64)."""
+    if not packed:
+        return {"inputs": images}
+    import numpy as np
+
+    return {"inputs_b64": base64.b64encode(np.asarray(images, dtype="<f4").tobytes()).decode()}
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -334,8 +344,8 @@ def cpu_by_role(server_pids: set[int] | None = None) -> dict[str, float]:
 def measure_predict(port: int, args: argparse.Namespace,
                     server_pids: set[int] | None = None, prefix: str = "") -> dict[str, Any]:
     path = f"{prefix}/v1/models/latest/predict"
-    payloads = [{"inputs": [image(i * args.images + k) for k in range(args.images)]}
-                for i in range(8)]
+    payloads = [predict_body([image(i * args.images + k) for k in range(args.images)],
+                             args.packed) for i in range(8)]
     client = SyncHTTP("127.0.0.1", port)
     lat = latencies(client, path, payloads, args.requests)
     client.close()
@@ -467,7 +477,8 @@ def report(bare: list[dict[str, Any]], serve: dict[str, dict[str, Any]],
     many = [b for b in bare if b.get("processes", 1) > 1]
     floor = {k: statistics.mean(b[k] for b in ones) for k in ("p50", "p99", "rps")}
     same = statistics.mean(b["rps"] for b in many) if many else None
-    lines = [f"Predict, {args.images} 28×28 image(s) (3-decimal pixels) per request, MAML "
+    lines = [f"Predict, {args.images} 28×28 image(s) (3-decimal pixels"
+             f"{'; sent as inputs_b64' if args.packed else ''}) per request, MAML "
              f"Omniglot net "
              f"({args.channels} channels),"
              f" loopback, {os.cpu_count()} cores; latency over {args.requests} sequential "
@@ -534,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1,
                    help="Serve replicas; > 1 also measures a bare server of as many processes")
     p.add_argument("--images", type=int, default=1, help="28×28 images per predict request")
+    p.add_argument("--packed", action="store_true",
+                   help="predict inputs as inputs_b64 (float32, base64) instead of JSON numbers")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the Serve floor (the bare app deployed through Serve, HAProxy)")
     p.add_argument("--bare-server", metavar="RUN_DIR", help=argparse.SUPPRESS)

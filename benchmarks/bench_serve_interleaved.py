@@ -1,7 +1,7 @@
 """Predict throughput, interleaved: bare server, edgemeta on Serve, and the Serve floor.
 
     .venv/bin/python benchmarks/bench_serve_interleaved.py [--rounds 4] [--images 1]
-        [--channels 64] [--seconds 6]
+        [--channels 64] [--seconds 6] [--packed]
 
 On a shared VM the speed of the machine drifts within minutes (``bench_serve.py`` saw its bare
 server's throughput halve between the start and the end of one run), so one measurement a
@@ -51,7 +51,8 @@ def replica_pid(mark: str) -> int:
 def measure(port: int, prefix: str, args: argparse.Namespace, pid: int) -> dict[str, float]:
     """Throughput at ``--concurrency`` and the server process's CPU a request."""
     path = f"{prefix}/v1/models/latest/predict"
-    payload = {"inputs": [bench_serve.image(k) for k in range(args.images)]}
+    payload = bench_serve.predict_body([bench_serve.image(k) for k in range(args.images)],
+                                       args.packed)
     bench_serve.throughput("127.0.0.1", port, path, payload, args.concurrency, args.warmup_s)
     cpu0 = bench_serve.cpu_by_role({pid})
     rps, codes = bench_serve.throughput("127.0.0.1", port, path, payload, args.concurrency,
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=6.0, help="load per measurement")
     p.add_argument("--warmup-s", type=float, default=1.5, help="uncounted load before each")
+    p.add_argument("--packed", action="store_true",
+                   help="send inputs as inputs_b64 (float32, base64) instead of JSON numbers")
     p.add_argument("--port", type=int, default=8161)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.images < 1:
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
     ratio = {n: [row[n]["rps"] / row["bare"]["rps"] for row in rows] for n in SERVERS}
     cpu_ratio = {n: [row[n]["cpu_us"] / row["bare"]["cpu_us"] for row in rows] for n in SERVERS}
-    lines = [f"Predict, {args.images} 28×28 image(s) a request, MAML Omniglot net "
+    lines = [f"Predict, {args.images} 28×28 image(s) a request "
+             f"({'inputs_b64' if args.packed else 'JSON numbers'}), MAML Omniglot net "
              f"({args.channels} channels), {args.concurrency} concurrent keep-alive clients, "
              f"{args.seconds:.0f} s a measurement, {args.rounds} interleaved rounds, "
              f"{os.cpu_count()} cores.", "",

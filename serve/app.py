@@ -216,7 +216,7 @@ class EdgeMetaServer:
         """Predict a batch of inputs with a meta-model version or an adapted model."""
         model = await self._model(model_id)
         self._check_predictable(model)
-        x = model.spec.inputs(body.inputs, self.settings.max_inputs)
+        x = model.spec.read(body.inputs, body.inputs_b64, self.settings.max_inputs)
         # Batch only when there is company: a lone request skips the batching machinery
         # (queue, events, metrics: ~ms here), requests that overlap are grouped.
         self._inflight += 1
@@ -242,10 +242,12 @@ class EdgeMetaServer:
             raise BadInput(f"steps: {body.steps} exceeds this server's limit of "
                            f"{s.max_adapt_steps}")
         base = await self._model(body.base_model)
-        sx = base.spec.inputs(body.support_inputs, s.max_support, "support_inputs")
+        sx = base.spec.read(body.support_inputs, body.support_inputs_b64, s.max_support,
+                            "support_inputs")
         sy = base.spec.targets(body.support_labels, int(sx.shape[0]))
-        qx = (base.spec.inputs(body.query_inputs, s.max_inputs, "query_inputs")
-              if body.query_inputs else None)
+        qx = (base.spec.read(body.query_inputs, body.query_inputs_b64, s.max_inputs,
+                             "query_inputs")
+              if body.query_inputs or body.query_inputs_b64 else None)
 
         def run() -> dict[str, Any]:
             result = self.store.adapt(base, sx, sy, body.steps)

@@ -3,14 +3,25 @@
 Tensors and numpy arrays are turned into nested lists here, so callers can pass what the
 data pipeline gives (``[N, 1, 28, 28]`` images lose their channel axis on the way). Errors
 raise :class:`ServeError` with the server's status and message.
+
+Retries. Every call of this API is safe to repeat (predict reads; ``/v1/adapt`` is
+content-addressed: the same support set gives the same model id), so the client retries, a
+few times, what a healthy server answers transiently: 503/429 from Serve's backpressure, after
+the ``Retry-After`` seconds it names, and a keep-alive connection that the ingress closed
+(an HAProxy reload does that), at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
+import numpy as np
+
+RETRY_STATUSES = frozenset({429, 503})
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 
@@ -36,14 +47,58 @@ def to_inputs(x: Any) -> list[Any]:
     return list(x)
 
 
+def retry_after_s(headers: httpx.Headers, default: float = 1.0) -> float:
+    """The ``Retry-After`` header's seconds (the HTTP-date form, rare here, gets ``default``)."""
+    try:
+        return max(0.0, float(headers.get("retry-after", default)))
+    except ValueError:
+        return default
+
+
+def to_packed(x: Any) -> str:
+    """``*_b64`` form of a batch: little-endian float32, row-major, base64 (see ``to_inputs``
+    for the shapes accepted)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return base64.b64encode(np.ascontiguousarray(x, dtype="<f4").tobytes()).decode("ascii")
+
+
 class EdgeMetaClient:
     """``EdgeMetaClient("http://127.0.0.1:8000", token=...).predict("latest", images)``."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, retries: int = 3,
+                 max_retry_wait_s: float = 10.0,
+                 sleep: Callable[[float], None] = time.sleep, packed: bool = False) -> None:
+        """``retries``: extra attempts after an overload answer or a dropped connection (0:
+        none); ``max_retry_wait_s`` caps one ``Retry-After`` wait. ``packed``: send inputs
+        as base64 float32 (``*_b64`` fields), which the server decodes far faster than JSON
+        numbers; the answers are the same."""
+        if retries < 0 or max_retry_wait_s < 0:
+            raise ValueError("retries and max_retry_wait_s must be >= 0")
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
                                   timeout=timeout, transport=transport)
+        self.retries, self.max_retry_wait_s, self._sleep = retries, max_retry_wait_s, sleep
+        self.packed = packed
+
+    def _inputs(self, field: str, x: Any) -> dict[str, Any]:
+        return {f"{field}_b64": to_packed(x)} if self.packed else {field: to_inputs(x)}
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried on 503/429 (after ``Retry-After``) and on a closed connection."""
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
+                if attempt >= self.retries:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+                    return response
+                self._sleep(min(retry_after_s(response.headers), self.max_retry_wait_s))
+            attempt += 1
 
     def __enter__(self) -> EdgeMetaClient:
         return self
@@ -68,8 +123,8 @@ class EdgeMetaClient:
 
         The multiplexing header lets Serve's router prefer a replica that has the model loaded.
         """
-        r = self._http.post(f"/v1/models/{model_id}/predict", json={"inputs": to_inputs(inputs)},
-                            headers={MULTIPLEX_HEADER: model_id})
+        r = self._send("POST", f"/v1/models/{model_id}/predict",
+                       json=self._inputs("inputs", inputs), headers={MULTIPLEX_HEADER: model_id})
         return self._json(r)
 
     def adapt(self, support_inputs: Any, support_labels: Sequence[Any] | Any,
@@ -81,16 +136,16 @@ class EdgeMetaClient:
             labels = labels.detach().cpu()
         labels = labels.reshape(-1).tolist() if hasattr(labels, "reshape") else list(labels)
         body: dict[str, Any] = {"base_model": base_model,
-                                "support_inputs": to_inputs(support_inputs),
+                                **self._inputs("support_inputs", support_inputs),
                                 "support_labels": labels}
         if steps is not None:
             body["steps"] = steps
         if query_inputs is not None:
-            body["query_inputs"] = to_inputs(query_inputs)
-        return self._json(self._http.post("/v1/adapt", json=body))
+            body.update(self._inputs("query_inputs", query_inputs))
+        return self._json(self._send("POST", "/v1/adapt", json=body))
 
     def models(self) -> dict[str, Any]:
-        return self._json(self._http.get("/v1/models"))
+        return self._json(self._send("GET", "/v1/models"))
 
     def health(self) -> dict[str, Any]:
-        return self._json(self._http.get("/healthz"))
+        return self._json(self._send("GET", "/healthz"))

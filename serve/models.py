@@ -22,6 +22,8 @@ walk out of the run folder.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import os
@@ -119,6 +121,32 @@ class ModelSpec:
         return ModelSpec("regression" if regression else "classification", data["dataset"],
                          alg["name"], ways)
 
+    def read(self, raw: Sequence[Any] | None, packed: str | None, limit: int,
+             what: str = "inputs") -> Tensor:
+        """The batch of a request, from JSON numbers (``raw``) or packed float32 (``packed``)."""
+        if packed is not None:
+            return self.unpack(packed, limit, what)
+        assert raw is not None, "the request schema requires one of the two"
+        return self.inputs(raw, limit, what)
+
+    def unpack(self, packed: str, limit: int, what: str = "inputs") -> Tensor:
+        """``*_b64`` inputs: base64 of little-endian float32, row-major, whole inputs only."""
+        try:
+            data = base64.b64decode(packed, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise BadInput(f"{what}_b64: not valid base64 ({err})") from None
+        per = 1 if self.dataset == "sinusoid" else IMAGE_SIZE * IMAGE_SIZE
+        if len(data) % (4 * per):
+            shape = "one value" if per == 1 else f"{IMAGE_SIZE}x{IMAGE_SIZE} values"
+            raise BadInput(f"{what}_b64: {len(data)} bytes are not whole inputs of {shape} "
+                           f"({4 * per} bytes each, little-endian float32)")
+        n = len(data) // (4 * per)
+        if n > limit:
+            raise TooLarge(f"{what}_b64: {n} inputs exceed this server's limit of {limit}")
+        values = np.frombuffer(data, dtype="<f4").astype(np.float32)  # own, writable, native
+        shape = (n, 1) if per == 1 else (n, 1, IMAGE_SIZE, IMAGE_SIZE)
+        return self._finite(torch.from_numpy(values.reshape(shape)), what)
+
     def inputs(self, raw: Sequence[Any], limit: int, what: str = "inputs") -> Tensor:
         """A float32 batch in the layout training used: ``[N, 1, 28, 28]`` or ``[N, 1]``."""
         if len(raw) > limit:
@@ -142,8 +170,13 @@ class ModelSpec:
                                f"({IMAGE_SIZE} rows of {IMAGE_SIZE} numbers); got shape "
                                f"{list(x.shape[1:])} per input")
             x = x.unsqueeze(1)
+        return self._finite(x, what)
+
+    @staticmethod
+    def _finite(x: Tensor, what: str) -> Tensor:
         if not bool(torch.isfinite(x).all()):
-            raise BadInput(f"{what}: values must be finite float32 numbers (one overflows)")
+            raise BadInput(f"{what}: values must be finite float32 numbers (NaN, infinity or "
+                           f"beyond float32's range found)")
         return x
 
     def targets(self, raw: Sequence[Any], n: int) -> Tensor:

@@ -144,6 +144,20 @@ def test_adapt_equals_offline_adaptation_and_is_served_by_id(served: Served) -> 
         assert made["model_id"] in listed
 
 
+
+def test_packed_inputs_give_the_same_answers_as_json_numbers(served: Served) -> None:
+    """``*_b64`` inputs (float32, base64) are another spelling of the same request."""
+    x, sx, qx = _images(4, seed=20), _images(5, seed=21), _images(6, seed=22)
+    with EdgeMetaClient(served.url) as plain, EdgeMetaClient(served.url, packed=True) as packed:
+        assert packed.predict("omni@2", x) == plain.predict("omni@2", x)
+        xs = torch.tensor([-3.0, 0.0, 2.5])
+        assert packed.predict("sine@2", xs)["values"] == plain.predict("sine@2", xs)["values"]
+        a = packed.adapt(sx, list(range(5)), base_model="omni@2", steps=2, query_inputs=qx)
+        b = plain.adapt(sx, list(range(5)), base_model="omni@2", steps=2, query_inputs=qx)
+        assert a["model_id"] == b["model_id"]  # the same support set: the same adaptation
+        assert a["predictions"] == b["predictions"]
+
+
 def test_concurrent_requests_are_batched_without_changing_answers(http: httpx.Client) -> None:
     jobs = [("omni@2", _images(3, seed=10 + i).tolist()) for i in range(8)]
     jobs += [("sine@2", [float(i), -float(i)]) for i in range(8)]

@@ -8,6 +8,9 @@ same replica (same ``x-edgemeta-replica``): nothing crashed or restarted it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,12 @@ def _chunks(n: int) -> Iterator[bytes]:
     yield b"0.5]}"
 
 
+def _packed(n: int, value: float = 0.5, extra: int = 0) -> str:
+    """``n`` 28×28 images as ``*_b64`` wants them, plus ``extra`` stray bytes."""
+    data = struct.pack(f"<{n * 28 * 28}f", *([value] * (n * 28 * 28))) + b"\0" * extra
+    return base64.b64encode(data).decode()
+
+
 PREDICT = "/v1/models/latest/predict"
 CASES: dict[str, tuple[str, dict[str, Any], int, str]] = {
     "wrong shape": (PREDICT, {"json": {"inputs": [[[0.5] * 28] * 27]}}, 422, "28x28"),
@@ -107,6 +116,18 @@ CASES: dict[str, tuple[str, dict[str, Any], int, str]] = {
                                     "headers": {"content-type": "application/json"}}, 413,
                           "exceeds the limit"),
     "malformed json": (PREDICT, _raw('{"inputs": [1.0,'), 400, "malformed JSON"),
+    "both forms": (PREDICT, {"json": {"inputs": [_image()], "inputs_b64": _packed(1)}}, 422,
+                   "not both"),
+    "neither form": (PREDICT, {"json": {}}, 422, "inputs_b64"),
+    "bad base64": (PREDICT, {"json": {"inputs_b64": "not*base64"}}, 422, "not valid base64"),
+    "partial image": (PREDICT, {"json": {"inputs_b64": _packed(1, extra=4)}}, 422,
+                      "not whole inputs"),
+    "packed nan": (PREDICT, {"json": {"inputs_b64": _packed(1, value=float("nan"))}}, 422,
+                   "finite"),
+    "packed too many": (PREDICT, {"json": {"inputs_b64": _packed(9)}}, 413, "limit of 8"),
+    "packed support and labels": ("/v1/adapt", {"json": {
+        "support_inputs_b64": _packed(5), "support_labels": [0, 1]}}, 422,
+        "support_labels has 2"),
     "missing field": (PREDICT, {"json": {"input": [0.5]}}, 422, "inputs"),
     "unknown model": ("/v1/models/omni@999/predict", {"json": GOOD}, 404, "no checkpoint"),
     "unknown run": ("/v1/models/other@1/predict", {"json": GOOD}, 404, "unknown run"),
@@ -190,3 +211,34 @@ def test_overload_is_answered_with_503_and_retry_after(url: str) -> None:
     r = httpx.post(url + "/secure" + PREDICT, json=GOOD, timeout=60,
                    headers={"authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
+
+
+def test_the_python_client_waits_out_an_overload(url: str) -> None:
+    """Both slots of ``/secure`` busy with long adaptations: the client's predict gets 503, waits
+    the server's ``Retry-After`` and is answered once a slot is free, without the caller
+    seeing an error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.client import EdgeMetaClient
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    slow = {"support_inputs": SUPPORT * 5, "support_labels": [0, 1, 2, 3, 4] * 5}
+    waits: list[float] = []
+
+    def recorded_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=url + "/secure", timeout=120,
+                                                     headers=auth) as raw:
+        busy = []
+        for steps in (1000, 999):  # one running, then one queued: both slots taken
+            busy.append(pool.submit(raw.post, "/v1/adapt", json={**slow, "steps": steps}))
+            time.sleep(0.25)  # each adaptation takes seconds here (3-6 s measured)
+        with EdgeMetaClient(url + "/secure", token=TOKEN, retries=30, max_retry_wait_s=2.0,
+                            sleep=recorded_sleep) as client:
+            answer = client.predict("latest", torch.full((1, 28, 28), 0.5))
+        assert [f.result().status_code for f in busy] == [200, 200], [
+            f.result().text[:200] for f in busy]
+    assert len(answer["labels"]) == 1
+    assert waits and set(waits) == {2.0}, waits  # the server's Retry-After, each time

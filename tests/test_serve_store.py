@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,31 @@ def test_inputs_are_checked_against_the_model(store: ModelStore) -> None:
     assert sine.inputs([[0.5], [-1.0]], 8).shape == (2, 1)
     with pytest.raises(BadInput, match="one number"):
         sine.inputs([[0.5, 1.0]], 8)
+
+
+
+def _pack(x: torch.Tensor) -> str:
+    return base64.b64encode(x.numpy().astype("<f4").tobytes()).decode()
+
+
+def test_packed_inputs_decode_to_the_json_batch(store: ModelStore) -> None:
+    omni, sine = store.runs["omni"].spec, store.runs["sine"].spec
+    x = _images(3)
+    assert torch.equal(omni.unpack(_pack(x), 8), omni.inputs(x.tolist(), 8))
+    assert torch.equal(omni.read(None, _pack(x), 8), omni.read(x.tolist(), None, 8))
+    xs = torch.tensor([0.5, -1.0, 2.0])
+    assert torch.equal(sine.unpack(_pack(xs), 8), sine.inputs(xs.tolist(), 8))
+    assert omni.unpack(_pack(x), 8).is_contiguous()
+    with pytest.raises(BadInput, match="not valid base64"):
+        omni.unpack("abc$", 8)
+    with pytest.raises(BadInput, match="not whole inputs of 28x28 values"):
+        omni.unpack(_pack(x[:, :27]), 8)
+    with pytest.raises(BadInput, match="not whole inputs of one value"):
+        sine.unpack(base64.b64encode(b"\0" * 6).decode(), 8)
+    with pytest.raises(BadInput, match="finite float32"):
+        omni.unpack(_pack(torch.full((1, 28, 28), float("inf"))), 8)
+    with pytest.raises(TooLarge, match="inputs_b64: 3 inputs exceed this server's limit of 2"):
+        omni.unpack(_pack(x), 2)
 
 
 def test_support_labels_are_checked(store: ModelStore) -> None:
