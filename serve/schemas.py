@@ -3,7 +3,9 @@
 Types here reject what JSON can smuggle into a float field: strings, booleans, ``NaN`` and
 ``Infinity`` (Python's JSON parser accepts the last two), so a bad value is a 422 naming its
 place before any tensor is built. Shapes depend on the model being asked (28×28 images or
-sinusoid scalars), so they are checked later, against the model (:mod:`serve.models`).
+sinusoid scalars), so they are checked later, against the model (:mod:`serve.models`), and so
+are packed inputs (``*_b64``: float32, base64), which are decoded there and held to the same
+count limits and finite values.
 The limits in the schema are hard ceilings for the OpenAPI document; the smaller, configurable
 limits of :class:`ServeSettings` are enforced by the application.
 """
@@ -17,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 #: Upper bounds written into the OpenAPI schema; the deployment may set lower ones.
 HARD_MAX_INPUTS = 4096
 HARD_MAX_STEPS = 1000
+#: base64 characters of HARD_MAX_INPUTS packed 28×28 float32 images (4 per 3 bytes, rounded up).
+HARD_MAX_PACKED_CHARS = 4 * ((HARD_MAX_INPUTS * 28 * 28 * 4 + 2) // 3)
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 #: One input: a sinusoid ``x`` (a number, or ``[x]``), or a 28×28 image (rows of numbers).
 Input = FiniteFloat | list[FiniteFloat] | list[list[FiniteFloat]]
 #: The same inputs packed: little-endian float32 values, row-major, in standard base64.
-Packed = Annotated[str, Field(min_length=1, max_length=4 * -(-HARD_MAX_INPUTS * 28 * 28 * 4 // 3),
+Packed = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PACKED_CHARS,
                               description="base64 of little-endian float32 values, row-major: "
                                           "N×28×28 for Omniglot, N for sinusoid; read 4-8× "
                                           "faster than JSON numbers, in a smaller body")]
