@@ -13,7 +13,6 @@ thread; the two paths must give the same tensor to float32 rounding of the 3-dec
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import statistics
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from serve.client import to_packed
 from serve.models import ModelSpec
 from serve.schemas import PredictRequest
 
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         rounded = np.round(x.astype(np.float64), 3)  # short JSON numbers, as clients send
         bodies = {
             "json": json.dumps({"inputs": rounded.tolist()}).encode(),
-            "packed": json.dumps({"inputs_b64": base64.b64encode(
-                rounded.astype("<f4").tobytes()).decode()}).encode()}
+            "packed": json.dumps({"inputs_b64": to_packed(rounded)}).encode()}
 
         def read(body: bytes) -> torch.Tensor:
             req = PredictRequest.model_validate(json.loads(body))

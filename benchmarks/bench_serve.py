@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -40,11 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from serve.client import to_packed
 from serve.schemas import PredictRequest  # module level: FastAPI resolves the annotation here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,11 +296,7 @@ def image(seed: int) -> list[list[float]]:
 
 def predict_body(images: list[list[list[float]]], packed: bool) -> dict[str, Any]:
     """A predict request's body: JSON numbers, or ``inputs_b64`` (float32, base64)."""
-    if not packed:
-        return {"inputs": images}
-    import numpy as np
-
-    return {"inputs_b64": base64.b64encode(np.asarray(images, dtype="<f4").tobytes()).decode()}
+    return {"inputs_b64": to_packed(images)} if packed else {"inputs": images}
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -349,18 +347,25 @@ def measure_predict(port: int, args: argparse.Namespace,
     client = SyncHTTP("127.0.0.1", port)
     lat = latencies(client, path, payloads, args.requests)
     client.close()
-    # Warm-up at full concurrency, not counted (every server gets the same): the first
-    # second of 32 new connections (ingress connection set-up, first batch shapes) is not
-    # the steady state the row reports.
-    throughput("127.0.0.1", port, path, payloads[0], args.concurrency, args.warmup_s)
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99),
+            **measure_load(port, path, payloads[0], args, server_pids)}
+
+
+def measure_load(port: int, path: str, payload: dict[str, Any], args: argparse.Namespace,
+                 server_pids: set[int] | None = None) -> dict[str, Any]:
+    """req/s at ``args.concurrency`` for ``args.seconds``, answer codes, and CPU µs a request
+    by role (see :func:`cpu_by_role`), after ``args.warmup_s`` of uncounted load.
+
+    The warm-up (every server gets the same): the first second of 32 new connections
+    (ingress connection set-up, first batch shapes) is not the steady state a row reports.
+    """
+    throughput("127.0.0.1", port, path, payload, args.concurrency, args.warmup_s)
     cpu0 = cpu_by_role(server_pids)
-    rps, codes = throughput("127.0.0.1", port, path, payloads[0], args.concurrency,
-                            args.seconds)
+    rps, codes = throughput("127.0.0.1", port, path, payload, args.concurrency, args.seconds)
     cpu1 = cpu_by_role(server_pids)
     done = max(1, sum(codes.values()))
     cpu_us = {role: 1e6 * (cpu1[role] - cpu0.get(role, 0.0)) / done for role in cpu1}
-    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rps": rps, "codes": codes,
-            "cpu_us": cpu_us}
+    return {"rps": rps, "codes": codes, "cpu_us": cpu_us}
 
 
 def measure_adapt(port: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
@@ -444,21 +449,27 @@ def serve_phase(run_dir: Path, ingress: str, port: int, args: argparse.Namespace
     return result
 
 
-def bare_phase(run_dir: Path, port: int, args: argparse.Namespace,
-               processes: int = 1) -> dict[str, Any]:
+@contextmanager
+def bare_servers(run_dir: Path, port: int, processes: int = 1) -> Iterator[set[int]]:
+    """``processes`` bare servers (:func:`bare_server`) listening on ``port``; their pids."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, __file__, "--bare-server", str(run_dir),
                                "--port", str(port)], env=env) for _ in range(processes)]
     try:
         wait_port(port)
         time.sleep(2.0 if processes > 1 else 0.0)  # every process listening before the load
-        result = measure_predict(port, args, server_pids={p.pid for p in procs})
-        return {**result, "processes": processes}
+        yield {p.pid for p in procs}
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+
+
+def bare_phase(run_dir: Path, port: int, args: argparse.Namespace,
+               processes: int = 1) -> dict[str, Any]:
+    with bare_servers(run_dir, port, processes) as pids:
+        return {**measure_predict(port, args, server_pids=pids), "processes": processes}
 
 
 def bare_label(b: dict[str, Any]) -> str:

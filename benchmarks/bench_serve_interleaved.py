@@ -8,8 +8,8 @@ server's throughput halve between the start and the end of one run), so one meas
 server says little. Here every round measures all three servers, one after the other, each
 for a few seconds (the order rotates from round to round); each ratio is taken against the
 bare server *of the same round*, and the report gives the median over rounds. The bare server
-runs with no Ray process alive (Ray's idle processes take about a fifth of a core here, which
-is part of Serve's cost, not the floor's), so every round starts Ray and Serve afresh:
+runs with no Ray process alive (Ray's idle processes took 0.13 of a core here, which is part
+of Serve's cost, not the floor's), so every round starts Ray and Serve afresh:
 
 - **bare**: FastAPI + uvicorn, one process, the same store and validation, no Ray (the floor
   the serving issue names);
@@ -53,30 +53,18 @@ def measure(port: int, prefix: str, args: argparse.Namespace, pid: int) -> dict[
     path = f"{prefix}/v1/models/latest/predict"
     payload = bench_serve.predict_body([bench_serve.image(k) for k in range(args.images)],
                                        args.packed)
-    bench_serve.throughput("127.0.0.1", port, path, payload, args.concurrency, args.warmup_s)
-    cpu0 = bench_serve.cpu_by_role({pid})
-    rps, codes = bench_serve.throughput("127.0.0.1", port, path, payload, args.concurrency,
-                                        args.seconds)
-    cpu1 = bench_serve.cpu_by_role({pid})
-    bad = {c: n for c, n in codes.items() if c != 200}
+    load = bench_serve.measure_load(port, path, payload, args, {pid})
+    bad = {c: n for c, n in load["codes"].items() if c != 200}
     if bad:
         raise RuntimeError(f"{prefix or '/'}: non-200 answers under load: {bad}")
-    done = max(1, sum(codes.values()))
-    return {"rps": rps, "cpu_us": 1e6 * (cpu1["server"] - cpu0.get("server", 0.0)) / done,
-            "all_us": 1e6 * (sum(cpu1.values()) - sum(cpu0.values())) / done}
+    return {"rps": load["rps"], "cpu_us": load["cpu_us"]["server"],
+            "all_us": sum(load["cpu_us"].values())}
 
 
 def bare_round(run_dir: Path, args: argparse.Namespace) -> dict[str, float]:
     """The bare server alone on the machine (no Ray process alive), measured once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(bench_serve.ROOT)}
-    bare = subprocess.Popen([sys.executable, bench_serve.__file__, "--bare-server",
-                             str(run_dir), "--port", str(args.port + 1)], env=env)
-    try:
-        bench_serve.wait_port(args.port + 1)
-        return measure(args.port + 1, "", args, bare.pid)
-    finally:
-        bare.terminate()
-        bare.wait(timeout=30)
+    with bench_serve.bare_servers(run_dir, args.port + 1) as pids:
+        return measure(args.port + 1, "", args, pids.pop())
 
 
 def serve_round(run_dir: Path, args: argparse.Namespace, floor_first: bool
