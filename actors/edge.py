@@ -2,12 +2,12 @@
 
 The cloud sends a partition (character ids or an amplitude range), never examples; the actor
 loads its data itself, inside its own process on its own node. What it sends back is the
-update of :func:`metalearn.federated.local_update` as one flat float32 vector of exactly the
+update of :func:`metalearn.local_update.local_update` as one flat float32 vector of exactly the
 model's parameter count (:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and
 timings. Raw examples never leave the actor.
 
 Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
-(see :class:`metalearn.federated.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
+(see :class:`metalearn.sites.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
 re-runs the constructor with the same arguments) or a resumed driver gets the same tasks
 for the same round, so :meth:`EdgeNode.sampler_state` only needs to carry a round counter.
 
@@ -32,11 +32,12 @@ import numpy as np
 import ray
 import torch
 
-from cluster.topology import ACTOR_RESOURCE_REQUEST, SiteSpec, site_resource
+from cluster.topology import ACTOR_RESOURCE_REQUEST, Site, site_resource
 from metalearn.algorithms.base import MetaUpdate
-from metalearn.federated import SiteTasks, local_update, site_seed
+from metalearn.from_config import algorithm_from_config
+from metalearn.local_update import local_update
 from metalearn.params import FlatLayout, Params
-from metalearn.spec import algorithm_from_spec
+from metalearn.sites import SiteTasks, site_seed
 
 T = TypeVar("T")
 _POLL_S = 0.02  # how often an injected delay looks for a cancellation
@@ -71,7 +72,7 @@ class EdgeNode:
     Args:
         site: the site's name (``site-0``).
         config: the resolved experiment config as a dict (data, model, algorithm, federated).
-        plan: the site's entry of :func:`metalearn.federated.plan_sites` (ids, not data).
+        plan: the site's entry of :func:`metalearn.sites.plan_sites` (ids, not data).
         devices: number of virtual clients at this site.
         seed: the run seed.
         tasks_per_round: tasks the site samples per local meta-step, split over its devices.
@@ -102,7 +103,7 @@ class EdgeNode:
         self.delay_s = float(delay_s)
         self.fail = bool(fail)
         torch.manual_seed(site_seed(seed, site, 99))  # the model's own init is never used
-        self.algorithm = algorithm_from_spec(self.config)
+        self.algorithm = algorithm_from_config(self.config)
         self.layout = FlatLayout.of(self.algorithm.init_params())
         self.tasks = SiteTasks(self.config["data"], plan, devices=devices, seed=seed)
         self.rounds_done = 0
@@ -258,7 +259,7 @@ class EdgeNode:
         self.last_round = int(state.get("last_round", 0))
 
 
-def spawn_edge(site: SiteSpec, config: Mapping[str, Any], plan: Mapping[str, Any], *,
+def spawn_edge(site: Site, config: Mapping[str, Any], plan: Mapping[str, Any], *,
                devices: int, seed: int, tasks_per_round: int, fail: bool = False) -> Any:
     """Start ``site``'s :class:`EdgeNode` actor on the node that advertises ``edge:<site>``.
 

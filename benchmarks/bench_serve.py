@@ -209,7 +209,7 @@ def make_run(out: Path, channels: int) -> Path:
     from experiments.config import parse_config
     from experiments.runlog import RunLog
     from metalearn.checkpoint import save_checkpoint
-    from metalearn.spec import algorithm_from_spec
+    from metalearn.from_config import algorithm_from_config
 
     cfg = parse_config({"name": "bench", "output_dir": str(out),
                         "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 15},
@@ -218,7 +218,7 @@ def make_run(out: Path, channels: int) -> Path:
                                       "test_steps": 5}})
     RunLog(cfg.run_dir).write_config(cfg.to_dict())
     torch.manual_seed(0)
-    save_checkpoint(cfg.run_dir, 1, {"params": algorithm_from_spec(cfg.to_dict()).init_params()})
+    save_checkpoint(cfg.run_dir, 1, {"params": algorithm_from_config(cfg.to_dict()).init_params()})
     return cfg.run_dir
 
 

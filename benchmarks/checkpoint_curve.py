@@ -23,7 +23,7 @@ from experiments.config import apply_overrides, parse_config
 from experiments.runlog import read_run_config
 from experiments.train import meta_test
 from metalearn.checkpoint import load_checkpoint
-from metalearn.spec import algorithm_from_spec
+from metalearn.from_config import algorithm_from_config
 
 
 def saved_steps(run_dir: Path) -> list[int]:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = parse_config(apply_overrides(read_run_config(args.run_dir), args.set),
                        str(args.run_dir))
-    algorithm = algorithm_from_spec(cfg.to_dict())
+    algorithm = algorithm_from_config(cfg.to_dict())
     steps = saved_steps(args.run_dir)
     if not steps:
         raise SystemExit(f"{args.run_dir} has no saved checkpoints")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from cluster.topology import CLOUD_RESOURCE, SiteSpec, Topology, TopologyError
+from cluster.topology import CLOUD_RESOURCE, Site, Topology, TopologyError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
@@ -130,7 +130,7 @@ def topology_from_cluster_config(cfg: dict[str, Any], *, head_port: int = 6379,
     """The topology of ``cfg``'s sites, with nodes sized like the fake provider's raylets."""
     gib = 2**30
     spec = {"num_cpus": FAKE_NODE_CPUS, "object_store_gb": FAKE_NODE_OBJECT_STORE / gib}
-    return Topology(sites=[SiteSpec(name=s, **spec) for s in site_node_types(cfg).values()],
+    return Topology(sites=[Site(name=s, **spec) for s in site_node_types(cfg).values()],
                     head_port=head_port, dashboard_port=dashboard_port)
 
 

@@ -43,17 +43,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster import auth, procs
 from cluster.connect import RAY_SYSTEM_CONFIG
+from cluster.console import Printer
 from cluster.topology import (
     CLOUD_RESOURCE,
     SITE_RESOURCE_QUANTITY,
-    NodeSpec,
+    NodeResources,
     Topology,
     TopologyError,
     parse_topology,
@@ -76,14 +77,11 @@ FAST_HEALTH_CHECK_ENV = {
     "RAY_health_check_failure_threshold": "3",
 }
 
-Say = Callable[[str], None]
-
-
 class ClusterError(RuntimeError):
     """The local cluster cannot be started, found, or changed as asked; the message says why."""
 
 
-def _say(msg: str) -> None:
+def print_to_stderr(msg: str) -> None:
     print(f"[edgemeta cluster] {msg}", file=sys.stderr, flush=True)
 
 
@@ -151,7 +149,8 @@ class ClusterInfo:
 
 def up(topology: Topology, state_dir: str | Path | None = None, *,
        env: Mapping[str, str] | None = None, timeout_s: float = 120.0,
-       autoscaling_config: Mapping[str, Any] | None = None, say: Say = _say) -> ClusterInfo:
+       autoscaling_config: Mapping[str, Any] | None = None,
+       echo: Printer = print_to_stderr) -> ClusterInfo:
     """Start the head (``cloud``) and one raylet per site; return once all are alive in the GCS.
 
     ``env`` adds variables to every node's environment (e.g. ``FAST_HEALTH_CHECK_ENV``). With
@@ -161,7 +160,7 @@ def up(topology: Topology, state_dir: str | Path | None = None, *,
     already started are stopped again before the error is raised.
     """
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
-    _check_startable(topology, state_dir, say)
+    _check_startable(topology, state_dir, echo)
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
     token_path = auth.write_token_file(state_dir / TOKEN_FILE)
@@ -190,45 +189,45 @@ def up(topology: Topology, state_dir: str | Path | None = None, *,
 
     t0 = time.monotonic()
     try:
-        say(f"starting head '{HEAD}' on port {topology.head_port} "
+        echo(f"starting head '{HEAD}' on port {topology.head_port} "
             f"(dashboard {info.dashboard_url}, temp dir {temp_root})")
         _start_nodes(info, [HEAD], head_env, client_port=client_port, autoscaling=scaler_yaml)
         _wait_nodes(info, [HEAD], timeout_s)
-        say(f"head up in {time.monotonic() - t0:.1f} s")
+        echo(f"head up in {time.monotonic() - t0:.1f} s")
         t1 = time.monotonic()
         if scaler_yaml is not None:
-            say(f"waiting for the autoscaler to launch {len(topology.sites)} site node(s)")
+            echo(f"waiting for the autoscaler to launch {len(topology.sites)} site node(s)")
         else:
-            say(f"starting {len(topology.sites)} site raylet(s)")
+            echo(f"starting {len(topology.sites)} site raylet(s)")
             _start_nodes(info, topology.site_names, env)
         _wait_nodes(info, topology.site_names, timeout_s)
         for site in topology.site_names:
-            say(f"site '{site}' up (node {info.nodes[site].node_id[:12]}, "
+            echo(f"site '{site}' up (node {info.nodes[site].node_id[:12]}, "
                 f"resource {site_resource(site)})")
-        say(f"sites up in {time.monotonic() - t1:.1f} s")
+        echo(f"sites up in {time.monotonic() - t1:.1f} s")
     except BaseException:
-        say("start-up failed; stopping the nodes started so far")
-        _stop_all(info, grace_s=5.0, say=say)
+        echo("start-up failed; stopping the nodes started so far")
+        _stop_all(info, grace_s=5.0, echo=echo)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         raise
-    say(f"cluster up: head + {len(topology.sites)} site(s) in {time.monotonic() - t0:.1f} s; "
+    echo(f"cluster up: head + {len(topology.sites)} site(s) in {time.monotonic() - t0:.1f} s; "
         f"state in {state_dir}")
     return info
 
 
 def down(state_dir: str | Path | None = None, *, grace_s: float = 10.0,
-         keep_temp: bool = False, say: Say = _say) -> int:
+         keep_temp: bool = False, echo: Printer = print_to_stderr) -> int:
     """Stop exactly the processes of the cluster recorded in ``state_dir``; return how many.
 
     Sites first, then the head: SIGTERM, up to ``grace_s`` to exit, then SIGKILL. Removes the
     state file and (unless ``keep_temp``) the nodes' temp dirs, which hold Ray's logs.
     """
     info = read_state(state_dir)
-    n = _stop_all(info, grace_s=grace_s, say=say)
+    n = _stop_all(info, grace_s=grace_s, echo=echo)
     if not keep_temp:
         shutil.rmtree(info.temp_root, ignore_errors=True)
     (Path(info.state_dir) / STATE_FILE).unlink(missing_ok=True)
-    say(f"cluster down: {n} process(es) stopped")
+    echo(f"cluster down: {n} process(es) stopped")
     return n
 
 
@@ -258,7 +257,7 @@ def status(state_dir: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def kill_site(state_dir: str | Path | None, site: str, *, say: Say = _say) -> int:
+def kill_site(state_dir: str | Path | None, site: str, *, echo: Printer = print_to_stderr) -> int:
     """SIGKILL a site's raylet and every other process of that node, as a machine loss would.
 
     Returns at once; the GCS marks the node dead after its health checks fail (see
@@ -272,12 +271,12 @@ def kill_site(state_dir: str | Path | None, site: str, *, say: Say = _say) -> in
     procs.send(raylets, signal.SIGKILL)
     procs.send([p for p in pids if p not in raylets], signal.SIGKILL)
     procs.wait_gone(pids, 5.0)
-    say(f"killed site '{site}' (node {node.node_id[:12]}, {len(pids)} process(es))")
+    echo(f"killed site '{site}' (node {node.node_id[:12]}, {len(pids)} process(es))")
     return len(pids)
 
 
 def start_site(state_dir: str | Path | None, site: str, *, env: Mapping[str, str] | None = None,
-               timeout_s: float = 60.0, say: Say = _say) -> ClusterInfo:
+               timeout_s: float = 60.0, echo: Printer = print_to_stderr) -> ClusterInfo:
     """Start a site's raylet again (after ``kill_site``); it joins as a new node id."""
     info = read_state(state_dir)
     node = _site_node(info, site, owned=True)
@@ -286,7 +285,7 @@ def start_site(state_dir: str | Path | None, site: str, *, env: Mapping[str, str
     t0 = time.monotonic()
     _start_nodes(info, [site], env)
     _wait_nodes(info, [site], timeout_s)
-    say(f"site '{site}' back in {time.monotonic() - t0:.1f} s as node {node.node_id[:12]}")
+    echo(f"site '{site}' back in {time.monotonic() - t0:.1f} s as node {node.node_id[:12]}")
     return info
 
 
@@ -355,7 +354,7 @@ def list_nodes(info: ClusterInfo, timeout_s: float = 10.0) -> list[dict[str, Any
 # Starting nodes
 
 
-def _check_startable(topology: Topology, state_dir: Path, say: Say) -> None:
+def _check_startable(topology: Topology, state_dir: Path, echo: Printer) -> None:
     if (state_dir / STATE_FILE).exists():
         try:
             old = ClusterInfo.load(state_dir)
@@ -368,7 +367,7 @@ def _check_startable(topology: Topology, state_dir: Path, say: Say) -> None:
                 f"a cluster is already up from {state_dir} (address {old.address}, "
                 f"{len(running)} processes); stop it with `edgemeta cluster down "
                 f"--state-dir {state_dir}` or use another --state-dir")
-        say(f"removing stale state in {state_dir} (its processes are gone)")
+        echo(f"removing stale state in {state_dir} (its processes are gone)")
         if old:
             shutil.rmtree(old.temp_root, ignore_errors=True)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
@@ -381,7 +380,7 @@ def _check_startable(topology: Topology, state_dir: Path, say: Say) -> None:
                                f"another Ray cluster; pick another {what} in the topology")
 
 
-def _check_spec(name: str, spec: NodeSpec) -> None:
+def _check_spec(name: str, spec: NodeResources) -> None:
     if float(spec.num_cpus) != int(spec.num_cpus):
         raise TopologyError(f"node {name}: num_cpus must be a whole number for `ray start`, "
                             f"got {spec.num_cpus}")
@@ -399,7 +398,7 @@ def _start_command(info: ClusterInfo, name: str, client_port: int | None,
                    autoscaling: Path | None = None) -> list[str]:
     topo = info.topo
     node = info.nodes[name]
-    spec: NodeSpec = topo.cloud if name == HEAD else topo.site(name)
+    spec: NodeResources = topo.cloud if name == HEAD else topo.site(name)
     resources = ({CLOUD_RESOURCE: SITE_RESOURCE_QUANTITY} if name == HEAD
                  else {site_resource(name): SITE_RESOURCE_QUANTITY})
     cmd = [_ray_executable(), "start"]
@@ -532,7 +531,7 @@ def _node_pids(table: Mapping[int, procs.Proc], node: NodeProcess) -> list[int]:
     return procs.owned_pids(table, [node.session], node.temp_dir + "/")
 
 
-def _stop_all(info: ClusterInfo, *, grace_s: float, say: Say) -> int:
+def _stop_all(info: ClusterInfo, *, grace_s: float, echo: Printer) -> int:
     """Sites, then the head; within a node Ray's own order: raylet, other processes, GCS.
 
     Measured: with that order every process exits on SIGTERM within ~1-3 s; signalled all at
@@ -548,7 +547,7 @@ def _stop_all(info: ClusterInfo, *, grace_s: float, say: Say) -> int:
                            if _bucket(table[p].comm) == bucket})
             killed = procs.terminate(pids, grace_s)
             if killed:
-                say(f"{len(killed)} process(es) ignored SIGTERM for {grace_s:.0f} s; "
+                echo(f"{len(killed)} process(es) ignored SIGTERM for {grace_s:.0f} s; "
                     f"sent SIGKILL")
             stopped += len(pids)
     # anything that still names the cluster's temp dir (a worker re-parented mid-shutdown)

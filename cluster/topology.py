@@ -31,13 +31,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NodeSpec(_Section):
+class NodeResources(_Section):
     num_cpus: float = Field(1, gt=0)
     memory_gb: float = Field(1.5, gt=0, description="Ray's --memory for the node")
     object_store_gb: float = Field(0.3, gt=0, description="--object-store-memory")
 
 
-class SiteSpec(NodeSpec):
+class Site(NodeResources):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     devices: int = Field(1, ge=1, description="virtual clients (devices) simulated by the site")
     delay_s: float = Field(0.0, ge=0, description="injected extra compute time per round")
@@ -53,8 +53,8 @@ class SiteSpec(NodeSpec):
 class Topology(_Section):
     """A cloud node and at least one edge site with distinct names."""
 
-    cloud: NodeSpec = NodeSpec(num_cpus=1, memory_gb=2.0, object_store_gb=0.5)
-    sites: list[SiteSpec]
+    cloud: NodeResources = NodeResources(num_cpus=1, memory_gb=2.0, object_store_gb=0.5)
+    sites: list[Site]
     head_port: int = Field(6379, ge=1024, le=65535)
     dashboard_port: int = Field(8265, ge=1024, le=65535)
 
@@ -78,7 +78,7 @@ class Topology(_Section):
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
 
-    def site(self, name: str) -> SiteSpec:
+    def site(self, name: str) -> Site:
         for s in self.sites:
             if s.name == name:
                 return s
@@ -124,4 +124,4 @@ def uniform_topology(sites: int, **site_kwargs: Any) -> Topology:
     """``sites`` identical sites named ``site-0`` ... (for tests and quick starts)."""
     if not re.fullmatch(r"\d+", str(sites)) or int(sites) < 1:
         raise TopologyError(f"sites must be a positive integer, got {sites!r}")
-    return Topology(sites=[SiteSpec(name=f"site-{i}", **site_kwargs) for i in range(int(sites))])
+    return Topology(sites=[Site(name=f"site-{i}", **site_kwargs) for i in range(int(sites))])

@@ -16,14 +16,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.console import Printer
 from experiments.config import load_config
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-Printer = Callable[[str], None]
 
 
 def _banner(echo: Printer, text: str) -> None:
@@ -70,7 +69,7 @@ def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any
     import ray
 
     from experiments.runlog import read_run_config
-    from metalearn.spec import sampler_from_spec
+    from metalearn.from_config import sampler_from_config
     from serve.client import EdgeMetaClient
     from serve.launch import free_port, start
 
@@ -86,7 +85,7 @@ def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any
             versions = client.models()
             echo(f"GET /v1/models -> {len(versions.get('versions', versions))} entries")
             # A new site: 5 characters of the meta-test alphabets, one labelled drawing each.
-            sampler = sampler_from_spec(read_run_config(run_dir)["data"], "test", seed=2026)
+            sampler = sampler_from_config(read_run_config(run_dir)["data"], "test", seed=2026)
             task = sampler.sample(1)[0]
             # Not timed: the first requests load the model into the replica's LRU and may
             # meet the ingress reloading its configuration for the new application.

@@ -52,6 +52,7 @@ import pandas as pd
 import ray
 import torch
 
+from cluster.console import Printer
 from cluster.topology import ACTOR_RESOURCE_REQUEST, CLOUD_RESOURCE, Topology, site_resource
 from experiments.config import ConfigError, ExperimentConfig, FederatedConfig, load_config
 from experiments.runlog import RunLog
@@ -63,7 +64,6 @@ from metalearn.checkpoint import atomic_write_bytes, resume_from_latest, save_ch
 from metalearn.outer import OuterOptimizer
 from metalearn.params import FlatLayout, Params, num_bytes
 
-Printer = Callable[[str], None]
 SITES_FILE = "sites.parquet"
 STARTUP_TIMEOUT_S = 180.0
 FLAT_KEY = "flat"  # the one key of a site's update as the driver aggregates it
@@ -112,16 +112,16 @@ def _cloud_task(fn: Callable[..., Any], topology: Topology) -> Any:
 
 
 def _plan_sites_task(data: dict, sites: list[str], seed: int, holdout: float) -> dict:
-    from metalearn.federated import plan_sites
+    from metalearn.sites import plan_sites
 
     return plan_sites(data, sites, seed, holdout)
 
 
 def _meta_test_task(cfg: ExperimentConfig, params: Params, episodes: int) -> dict:
     from experiments.train import meta_test
-    from metalearn.spec import algorithm_from_spec
+    from metalearn.from_config import algorithm_from_config
 
-    return meta_test(cfg, algorithm_from_spec(cfg.to_dict()), params, episodes)
+    return meta_test(cfg, algorithm_from_config(cfg.to_dict()), params, episodes)
 
 
 def plan_partitions(data: dict, topology: Topology, seed: int,
@@ -435,9 +435,9 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     try:
         check_resources(topology)
         torch.manual_seed(cfg.seed)
-        from metalearn.spec import algorithm_from_spec
+        from metalearn.from_config import algorithm_from_config
 
-        algorithm = algorithm_from_spec(spec)
+        algorithm = algorithm_from_config(spec)
         outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr,
                                kind=cfg.train.outer_optimizer)
         aggregator: Aggregator = build_aggregator(fed.aggregator)

@@ -10,23 +10,21 @@ checkpoint of its run folder; Ctrl-C or SIGTERM stops after the current step wit
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cluster.console import Printer
 from experiments.config import ExperimentConfig
 from experiments.runlog import RunLog
 from experiments.stopping import StopRequests
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import load_checkpoint, resume_from_latest, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
+from metalearn.from_config import algorithm_from_config, sampler_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
-from metalearn.spec import algorithm_from_spec, sampler_from_spec
-
-Printer = Callable[[str], None]
 
 
 def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
@@ -35,7 +33,7 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
     data = cfg.to_dict()["data"]
     data.update({k: v for k in ("ways", "shots", "queries")
                  if (v := getattr(cfg.eval, k)) is not None})
-    sampler = sampler_from_spec(data, "test", seed=cfg.eval.seed)
+    sampler = sampler_from_config(data, "test", seed=cfg.eval.seed)
     if cfg.data.dataset == "sinusoid":
         by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
                                      steps_list=cfg.eval.steps_list, batch=cfg.eval.batch)
@@ -64,10 +62,10 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
     log.write_config(spec)
 
     torch.manual_seed(cfg.seed)
-    algorithm = algorithm_from_spec(spec)
+    algorithm = algorithm_from_config(spec)
     outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr,
                            kind=cfg.train.outer_optimizer)
-    sampler = sampler_from_spec(spec["data"], "train", seed=cfg.seed)
+    sampler = sampler_from_config(spec["data"], "train", seed=cfg.seed)
     step, elapsed = 0, 0.0
     state = resume_from_latest(run_dir, outer) if resume else None
     if state is not None:
@@ -144,7 +142,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | N
     from experiments.runlog import read_run_config
 
     cfg = parse_config(apply_overrides(read_run_config(run_dir), overrides or []), str(run_dir))
-    algorithm = algorithm_from_spec(cfg.to_dict())
+    algorithm = algorithm_from_config(cfg.to_dict())
     state = load_checkpoint(run_dir, step)
     result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
     result["step"] = int(state["step"])

@@ -314,9 +314,9 @@ class RunStore:
         """The algorithm of the run, rebuilt from its config exactly as training built it."""
         if self._algorithm is None:
             if self._factory is None:
-                from metalearn.spec import algorithm_from_spec
+                from metalearn.from_config import algorithm_from_config
 
-                self._factory = algorithm_from_spec
+                self._factory = algorithm_from_config
             self._algorithm = self._factory(self.config)
         return self._algorithm
 

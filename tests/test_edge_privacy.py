@@ -25,9 +25,9 @@ from helpers import embedded_cluster
 
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
-from metalearn.federated import plan_sites
+from metalearn.from_config import algorithm_from_config
 from metalearn.params import FlatLayout
-from metalearn.spec import algorithm_from_spec
+from metalearn.sites import plan_sites
 
 SITES = 2
 
@@ -52,7 +52,7 @@ def config(tmp_path: Path) -> ExperimentConfig:
 
 def param_shapes(cfg: ExperimentConfig) -> set[tuple[int, ...]]:
     """Each parameter's shape, and the flat vector of all of them (the wire format)."""
-    params = algorithm_from_spec(cfg.to_dict()).init_params()
+    params = algorithm_from_config(cfg.to_dict()).init_params()
     return {tuple(v.shape) for v in params.values()} | {(FlatLayout.of(params).numel,)}
 
 
@@ -85,7 +85,7 @@ def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
     plan = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))["site-0"]
     edge = spawn_edge(topology.sites[0], spec, plan, devices=2, seed=1, tasks_per_round=3)
     try:
-        params = algorithm_from_spec(spec).init_params()
+        params = algorithm_from_config(spec).init_params()
         layout = FlatLayout.of(params)
         result = ray.get(edge.round.remote(ray.put(layout.pack(params)), 1, [0, 1]))
         assert set(result) == {"site", "round", "kind", "update", "num_tasks", "metrics",

@@ -20,10 +20,11 @@ from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import choose_participants, tasks_per_site, train_federated
 from metalearn.aggregation import WeightedMean
 from metalearn.checkpoint import load_checkpoint
-from metalearn.federated import SiteTasks, local_update, plan_sites, round_seed
+from metalearn.from_config import algorithm_from_config
+from metalearn.local_update import local_update
 from metalearn.outer import OuterOptimizer
 from metalearn.params import max_abs_diff
-from metalearn.spec import algorithm_from_spec
+from metalearn.sites import SiteTasks, plan_sites, round_seed
 from metalearn.tasks import TaskBatch
 
 SITES = 3
@@ -66,7 +67,7 @@ class Reference:
         self.cfg, self.fed = cfg, fed
         self.names = fed.resolved_topology().site_names
         torch.manual_seed(cfg.seed)
-        self.algorithm = algorithm_from_spec(spec)
+        self.algorithm = algorithm_from_config(spec)
         self.outer = OuterOptimizer(self.algorithm.init_params(), lr=cfg.train.outer_lr,
                                     kind=cfg.train.outer_optimizer)
         self.init = {k: v.clone() for k, v in self.outer.params.items()}

@@ -24,9 +24,9 @@ from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY, site_resour
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from metalearn.checkpoint import load_checkpoint
-from metalearn.federated import SiteTasks, plan_sites
+from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
-from metalearn.spec import algorithm_from_spec
+from metalearn.sites import SiteTasks, plan_sites
 from metalearn.tasks import TaskBatch
 
 SITES = [f"site-{i}" for i in range(3)]
@@ -113,7 +113,7 @@ def test_a_slow_site_is_late_and_its_update_never_applied(cluster, tmp_path: Pat
     # The meta-parameters are those of the two punctual sites alone, round after round.
     spec = cfg.to_dict()
     torch.manual_seed(cfg.seed)
-    algorithm = algorithm_from_spec(spec)
+    algorithm = algorithm_from_config(spec)
     outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr)
     plans = plan_sites(spec["data"], SITES, cfg.seed)
     punctual = [SiteTasks(spec["data"], plans[s], 1, cfg.seed) for s in SITES[:2]]

@@ -21,7 +21,7 @@ from helpers import train_tiny_run
 
 from cluster.topology import ACTOR_RESOURCE_REQUEST, SITE_RESOURCE_QUANTITY, site_resource
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
-from metalearn.spec import algorithm_from_spec
+from metalearn.from_config import algorithm_from_config
 from serve.client import EdgeMetaClient
 
 PORT = 8131
@@ -69,7 +69,7 @@ def _images(n: int, seed: int) -> torch.Tensor:
 def _offline(run: Path, step: int) -> tuple[Any, dict[str, torch.Tensor]]:
     import yaml
 
-    algorithm = algorithm_from_spec(yaml.safe_load((run / "config.yaml").read_text()))
+    algorithm = algorithm_from_config(yaml.safe_load((run / "config.yaml").read_text()))
     return algorithm, load_checkpoint(run, step)["params"]
 
 

@@ -10,7 +10,7 @@ import torch
 from helpers import train_tiny_run
 
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
-from metalearn.spec import algorithm_from_spec
+from metalearn.from_config import algorithm_from_config
 from serve.models import (
     BadInput,
     LRUCache,
@@ -144,7 +144,7 @@ def test_adapt_is_content_addressed_persisted_and_equal_to_the_core(
     # A fresh store (another replica) serves it by id from the run folder.
     other = ModelStore(list(runs), poll_s=0.0)
     loaded = other.get(first.ref.id)
-    algorithm = algorithm_from_spec(other.runs["omni"].config)
+    algorithm = algorithm_from_config(other.runs["omni"].config)
     offline = algorithm.adapt(load_checkpoint(runs[0])["params"], sx, sy, steps=2)
     qx = _images(7, seed=2).unsqueeze(1)
     torch.testing.assert_close(predict_one(loaded, qx), algorithm.predict(offline, qx),

@@ -22,7 +22,7 @@ def task_type(data: Mapping[str, Any]) -> TaskType:
     return "regression" if data["dataset"] == "sinusoid" else "classification"
 
 
-def model_from_spec(data: Mapping[str, Any], model: Mapping[str, Any],
+def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
                     algorithm: Mapping[str, Any]) -> nn.Module:
     if model["name"] == "sinusoid_mlp":
         return build_model("sinusoid_mlp", hidden=model.get("hidden", 40))
@@ -31,16 +31,16 @@ def model_from_spec(data: Mapping[str, Any], model: Mapping[str, Any],
                        pooling=model.get("pooling", "stride"))
 
 
-def algorithm_from_spec(config: Mapping[str, Any]) -> MetaAlgorithm:
+def algorithm_from_config(config: Mapping[str, Any]) -> MetaAlgorithm:
     """A ready algorithm (holding its model) from a config dict with data/model/algorithm."""
     data, alg = config["data"], config["algorithm"]
-    model = model_from_spec(data, config["model"], alg)
+    model = model_from_config(data, config["model"], alg)
     return build_algorithm(alg["name"], model, task_type(data), inner_lr=alg["inner_lr"],
                            inner_steps=alg["inner_steps"], test_steps=alg.get("test_steps"),
                            **dict(alg.get("options") or {}))
 
 
-def sampler_from_spec(data: Mapping[str, Any], split: str = "train", seed: int = 0,
+def sampler_from_config(data: Mapping[str, Any], split: str = "train", seed: int = 0,
                       characters: np.ndarray | None = None,
                       amplitude: tuple[float, float] | None = None) -> Any:
     """A task sampler with ``.sample(batch) -> TaskBatch``.

@@ -1,18 +1,11 @@
-"""The edge side of a federated round, in pure torch: where a site's tasks come from, and what
-update it computes from them.
+"""Where a site's tasks come from, in pure torch: its partition of the data, split over its
+virtual clients (devices), and per-round samplers seeded so that anyone can redraw them.
 
-Two things live here so that an edge actor and a single-process reference share them exactly:
-
-* **Site task sources** (:func:`plan_sites`, :class:`SiteTasks`). A site's data is a partition
-  of the meta-training set (whole Omniglot alphabets, or a sinusoid amplitude sub-range), split
-  further over the site's virtual clients (devices). The tasks a device samples in a round are a
-  pure function of ``(seed, site, device, round)``: each round builds the device's sampler from
-  a seed derived from those four numbers. A restarted actor, a resumed run and a centralized
-  reference therefore all see the same tasks, with no sampler state to carry around.
-* **Local updates** (:func:`local_update`). With one local step a site returns its
-  meta-gradient (the cloud applies it: exactly centralized MAML over the union of tasks when all
-  sites take part). With ``E > 1`` it takes ``E`` meta-steps of its own and returns the change
-  of the meta-parameters, a *delta* that the cloud applies as a pseudo-gradient (FedOpt).
+A site's data is a partition of the meta-training set (whole Omniglot alphabets, or a sinusoid
+amplitude sub-range), split further over the site's devices. The tasks a device samples in a
+round are a pure function of ``(seed, site, device, round)``: each round builds the device's
+sampler from a seed derived from those four numbers. A restarted actor, a resumed run and a
+centralized reference therefore all see the same tasks, with no sampler state to carry around.
 """
 
 from __future__ import annotations
@@ -20,13 +13,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate
-from metalearn.outer import OuterOptimizer
-from metalearn.params import Params
 from metalearn.tasks import TaskBatch
 
 SampleTasks = Callable[[int], TaskBatch]
@@ -144,13 +134,13 @@ class SiteTasks:
 
     def sampler(self, device: int, round_idx: int) -> Any:
         """A fresh sampler of ``device``'s tasks for round ``round_idx``."""
-        from metalearn.spec import sampler_from_spec
+        from metalearn.from_config import sampler_from_config
 
         part = self.device_part(device)
         seed = round_seed(self.seed, self.site, device, round_idx)
         if self.sinusoid:
-            return sampler_from_spec(self.data, seed=seed, amplitude=part)  # type: ignore[arg-type]
-        return sampler_from_spec(self.data, seed=seed, characters=part)  # type: ignore[arg-type]
+            return sampler_from_config(self.data, seed=seed, amplitude=part)  # type: ignore[arg-type]
+        return sampler_from_config(self.data, seed=seed, characters=part)  # type: ignore[arg-type]
 
     def round_sampler(self, device_ids: Sequence[int], round_idx: int) -> SampleTasks:
         """``sample(n)``: ``n`` tasks split as evenly as possible over ``device_ids`` (the first
@@ -175,50 +165,14 @@ class SiteTasks:
         alphabets that training never saw). Sinusoid: fresh tasks from the site's amplitude
         range on a stream that training never draws from.
         """
-        from metalearn.spec import sampler_from_spec
+        from metalearn.from_config import sampler_from_config
 
         seed = site_seed(self.seed, self.site, _HOLDOUT)
         if self.sinusoid:
-            return sampler_from_spec(self.data, seed=seed,
+            return sampler_from_config(self.data, seed=seed,
                                      amplitude=tuple(self.plan["amplitude"]))
         held = np.asarray(self.plan.get("holdout", []), dtype=np.int64)
         if held.size == 0:
             raise ValueError(f"site {self.site} holds out no characters "
                              "(federated.holdout_fraction is 0): nothing to personalize on")
-        return sampler_from_spec(self.data, seed=seed, characters=held)
-
-
-# --------------------------------------------------------------------------- local updates
-
-def _mean_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
-    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted(keys)}
-
-
-def local_update(algorithm: MetaAlgorithm, params: Params, sample_tasks: SampleTasks,
-                 tasks_per_step: int, local_steps: int = 1, local_lr: float = 1e-3,
-                 local_optimizer: Literal["sgd", "adam"] = "sgd") -> MetaUpdate:
-    """A site's update to the meta-parameters ``params``.
-
-    ``local_steps == 1``: the algorithm's own update on ``tasks_per_step`` fresh tasks (a
-    meta-gradient for MAML and its kin). ``local_steps > 1``: that many local meta-steps with
-    SGD or Adam at ``local_lr``, each on fresh tasks, and the result is the *delta*
-    ``new - params``, standing for ``local_steps * tasks_per_step`` tasks. Metrics are means
-    over the local steps. The local optimizer starts fresh every round (its state is not sent
-    back, so it could not be checkpointed by the cloud anyway).
-    """
-    if tasks_per_step < 1:
-        raise ValueError(f"tasks_per_step must be >= 1, got {tasks_per_step}")
-    if local_steps < 1:
-        raise ValueError(f"local_steps must be >= 1, got {local_steps}")
-    if local_steps == 1:
-        return algorithm.meta_update(params, sample_tasks(tasks_per_step))
-
-    local = OuterOptimizer(params, lr=local_lr, kind=local_optimizer)
-    rows = []
-    for _ in range(local_steps):
-        update = algorithm.meta_update(local.params, sample_tasks(tasks_per_step))
-        local.step(update.tensors, update.kind)
-        rows.append(update.metrics)
-    delta = {k: (local.params[k] - params[k]).detach().clone() for k in params}
-    return MetaUpdate("delta", delta, tasks_per_step * local_steps, _mean_metrics(rows))
+        return sampler_from_config(self.data, seed=seed, characters=held)
