@@ -1,19 +1,21 @@
 """The edge actor: one per site, pinned to the site's node, holding the site's data.
 
-The cloud sends a partition (character ids or an amplitude range), never examples; the actor
-loads its data itself, inside its own process on its own node. What it sends back is the
-update of :func:`metalearn.local_update.local_update` as one flat float32 vector of exactly the
-model's parameter count (:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and
-timings. Raw examples never leave the actor.
+The cloud sends a :class:`~actors.contract.SiteJob` once: the site's partition (character ids
+or an amplitude range, never examples) and the local work of a round; the actor loads its data
+itself, inside its own process on its own node. Each round it returns a
+:class:`~actors.contract.RoundReply`: the update of :func:`metalearn.local_update.local_update`
+as one flat float32 vector of exactly the model's parameter count
+(:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and timings. Raw examples
+never leave the actor.
 
 Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
 (see :class:`metalearn.sites.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
 re-runs the constructor with the same arguments) or a resumed driver gets the same tasks
 for the same round, so :meth:`EdgeNode.sampler_state` only needs to carry a round counter.
 
-Test hooks: ``delay_s`` adds simulated compute time to each round (a slow site) and ``fail``
-makes every round raise (a broken site). Both come from the topology / config, so a test can
-inject them into a real cluster.
+Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
+``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
+test can inject them into a real cluster.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import numpy as np
 import ray
 import torch
 
-from cluster.topology import ACTOR_RESOURCE_REQUEST, Site, site_resource
+from actors.contract import RoundReply, RoundTimings, SiteInfo, SiteJob
+from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn.algorithms.base import MetaUpdate
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update
@@ -69,50 +72,36 @@ class RoundCancelled(RuntimeError):
 class EdgeNode:
     """The work of one edge site (used as a Ray actor through :func:`spawn_edge`).
 
-    Args:
-        site: the site's name (``site-0``).
-        config: the resolved experiment config as a dict (data, model, algorithm, federated).
-        plan: the site's entry of :func:`metalearn.sites.plan_sites` (ids, not data).
-        devices: number of virtual clients at this site.
-        seed: the run seed.
-        tasks_per_round: tasks the site samples per local meta-step, split over its devices.
-        delay_s: injected extra seconds per round (simulated slow hardware).
-        fail: test hook: every round raises.
-        compute_nice: the least niceness of the thread that runs the site's compute (0-19;
-            Ray starts its workers at 15). Training is throughput work; the node's control
-            plane (Ray's raylet, this and other actors' main and RPC threads, a serving
-            replica) is latency work. Above the worker's own niceness, a call that arrives
-            while the sites train is delivered at once instead of waiting for a time slice,
-            which on a node shared by several sites was most of a round's overhead.
+    Everything it needs comes in one :class:`~actors.contract.SiteJob`; what it returns each
+    round is a :class:`~actors.contract.RoundReply`.
+
+    ``job.compute_nice`` is the least niceness of the thread that runs the site's compute
+    (0-19; Ray starts its workers at 15). Training is throughput work; the node's control
+    plane (Ray's raylet, this and other actors' main and RPC threads, a serving replica) is
+    latency work. Above the worker's own niceness, a call that arrives while the sites train is
+    delivered at once instead of waiting for a time slice, which on a node shared by several
+    sites was most of a round's overhead.
     """
 
-    def __init__(self, site: str, config: Mapping[str, Any], plan: Mapping[str, Any], *,
-                 devices: int = 1, seed: int = 0, tasks_per_round: int = 1,
-                 delay_s: float = 0.0, fail: bool = False, compute_nice: int = 0) -> None:
-        self.site = site
-        self.compute_nice = int(compute_nice)
+    def __init__(self, job: SiteJob) -> None:
+        self.job = job
+        self.site = job.site
         self.compute_thread_nice: int | None = None  # as set by the thread itself
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"edge-{site}",
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"edge-{job.site}",
                                            initializer=self._niced_thread_start)
-        self.config = dict(config)
-        fed = dict(self.config.get("federated") or {})
-        self.local_steps = int(fed.get("local_steps", 1))
-        self.local_lr = float(fed.get("local_lr", 1e-3))
-        self.local_optimizer = fed.get("local_optimizer", "sgd")
-        self.tasks_per_round = int(tasks_per_round)
-        self.delay_s = float(delay_s)
-        self.fail = bool(fail)
-        torch.manual_seed(site_seed(seed, site, 99))  # the model's own init is never used
-        self.algorithm = algorithm_from_config(self.config)
+        torch.manual_seed(site_seed(job.seed, job.site, 99))  # the model's own init is unused
+        self.algorithm = algorithm_from_config(job.learner)
         self.layout = FlatLayout.of(self.algorithm.init_params())
-        self.tasks = SiteTasks(self.config["data"], plan, devices=devices, seed=seed)
+        self.tasks = SiteTasks(job.learner["data"], job.data_plan, devices=job.devices,
+                               seed=job.seed)
         self.rounds_done = 0
         self.last_round = 0
         t0 = time.perf_counter()
-        if self.config["data"]["dataset"] == "omniglot":  # load now: round 1 times compute only
+        data = job.learner["data"]
+        if data["dataset"] == "omniglot":  # load now: round 1 times compute only
             from metalearn.data.omniglot import load_omniglot
 
-            load_omniglot(self.config["data"].get("path"))
+            load_omniglot(data.get("path"))
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self._computed(self._warm_up)
         gc.collect()  # then freeze what is left: torch, the data and the model live for the
@@ -127,10 +116,10 @@ class EdgeNode:
         privilege; where it is refused (another OS), the site computes at normal priority.
         """
         current = _thread_nice()
-        if self.compute_nice > 0 and current is not None:
+        if self.job.compute_nice > 0 and current is not None:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                               max(current, self.compute_nice))
+                               max(current, self.job.compute_nice))
         self.compute_thread_nice = _thread_nice()
 
     def _computed(self, fn: Callable[..., T], *args: Any) -> T:
@@ -142,25 +131,21 @@ class EdgeNode:
         lazy imports, first-call tracing and the fast path's strategy choice happen while the
         actor starts (in parallel with the other sites) rather than inside round 1's timing."""
         t0 = time.perf_counter()
-        tasks = self.tasks.round_sampler([0], 0)(self.tasks_per_round)
+        tasks = self.tasks.round_sampler([0], 0)(self.job.local.tasks_per_step)
         self.algorithm.meta_gradient(self.algorithm.init_params(), tasks)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ rounds
 
     def round(self, params: np.ndarray | Params, round_idx: int,
-              device_ids: Sequence[int] | None = None) -> dict[str, Any]:
+              device_ids: Sequence[int] | None = None) -> RoundReply:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
-        as a dict. Returns the update flat (``update``, the parameters' size), counts, scalar
-        metrics, timings, the site's name and the device ids: nothing derived row by row
-        from the data. ``started_at`` / ``finished_at`` (wall clock) let the driver split a
-        round's overhead into the call's delivery and its reply (meaningful where the clocks
-        agree: one host, or hosts kept in sync).
+        as a dict. ``device_ids``: the devices taking part (default: all of the site's).
         """
         started_at, t0 = time.time(), time.perf_counter()
-        if self.fail:
+        if self.job.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
         devices = (list(range(self.tasks.devices)) if device_ids is None
                    else sorted(int(d) for d in device_ids))
@@ -169,19 +154,13 @@ class EdgeNode:
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
-        return {
-            "site": self.site,
-            "round": int(round_idx),
-            "kind": update.kind,
-            "update": flat,
-            "num_tasks": int(update.num_tasks),
-            "metrics": {k: float(v) for k, v in update.metrics.items()},
-            "compute_s": time.perf_counter() - t0,
-            "compute_wait_s": began - submitted,
-            "started_at": started_at,
-            "finished_at": time.time(),
-            "device_ids": devices,
-        }
+        timings = RoundTimings(compute_s=time.perf_counter() - t0,
+                               compute_wait_s=began - submitted, started_at=started_at,
+                               finished_at=time.time())
+        return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
+                          num_tasks=int(update.num_tasks),
+                          metrics={k: float(v) for k, v in update.metrics.items()},
+                          timings=timings, device_ids=tuple(devices))
 
     def _local_update(self, params: np.ndarray | Params, round_idx: int,
                       devices: list[int]) -> tuple[MetaUpdate, np.ndarray, float]:
@@ -191,12 +170,13 @@ class EdgeNode:
         params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
                   else {k: v.detach().clone() for k, v in params.items()})
         sample = self.tasks.round_sampler(devices, round_idx)
-        update = local_update(self.algorithm, params, sample, self.tasks_per_round,
-                              self.local_steps, self.local_lr, self.local_optimizer)
+        work = self.job.local
+        update = local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
+                              work.lr, work.optimizer)
         return update, self.layout.pack(update.tensors), began
 
     def _injected_delay(self) -> None:
-        end = time.perf_counter() + self.delay_s
+        end = time.perf_counter() + self.job.delay_s
         while time.perf_counter() < end:
             if _cancelled():
                 raise RoundCancelled(f"{self.site}: round cancelled by the driver")
@@ -231,24 +211,19 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> SiteInfo:
         """Where the actor runs and what it holds (counts and names, no data)."""
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         plan = self.tasks.plan
-        return {
-            "site": self.site,
-            "pid": os.getpid(),
-            "node_id": ctx.get_node_id() if ctx else None,
-            "devices": self.tasks.devices,
-            "characters": len(plan.get("characters", [])),
-            "holdout": len(plan.get("holdout", [])),
-            "alphabets": list(plan.get("alphabets", [])),
-            "amplitude": list(plan["amplitude"]) if "amplitude" in plan else None,
-            "rounds_done": self.rounds_done,
-            "load_s": self.load_s,
-            "warmup_s": self.warmup_s,
-            "nice": {"calls": _thread_nice(), "compute": self.compute_thread_nice},
-        }
+        amplitude = plan.get("amplitude")
+        return SiteInfo(
+            site=self.site, pid=os.getpid(), node_id=ctx.get_node_id() if ctx else None,
+            devices=self.tasks.devices, characters=len(plan.get("characters", [])),
+            holdout=len(plan.get("holdout", [])),
+            alphabets=tuple(str(a) for a in plan.get("alphabets", [])),
+            amplitude=None if amplitude is None else (float(amplitude[0]), float(amplitude[1])),
+            rounds_done=self.rounds_done, load_s=self.load_s, warmup_s=self.warmup_s,
+            nice={"calls": _thread_nice(), "compute": self.compute_thread_nice})
 
     def sampler_state(self) -> dict[str, int]:
         """All the sampling state there is: tasks are seeded per round, so a counter."""
@@ -259,20 +234,19 @@ class EdgeNode:
         self.last_round = int(state.get("last_round", 0))
 
 
-def spawn_edge(site: Site, config: Mapping[str, Any], plan: Mapping[str, Any], *,
-               devices: int, seed: int, tasks_per_round: int, fail: bool = False) -> Any:
-    """Start ``site``'s :class:`EdgeNode` actor on the node that advertises ``edge:<site>``.
+def spawn_edge(job: SiteJob, actor_cpus: float) -> Any:
+    """Start ``job.site``'s :class:`EdgeNode` actor on the node that advertises
+    ``edge:<site>``, asking for ``actor_cpus`` (the topology's ``actor_cpus``).
 
     ``max_restarts=-1``: a site whose node dies comes back when the node (or another with the
-    same resource) rejoins. ``max_task_retries=0``: the driver, not Ray, decides what to do
-    with a round that failed (it records the failure and carries on without that site).
+    same resource) rejoins, rebuilt from the same job. ``max_task_retries=0``: the driver, not
+    Ray, decides what to do with a round that failed (it records the failure and carries on
+    without that site).
     """
     remote = ray.remote(EdgeNode).options(
-        resources={site_resource(site.name): ACTOR_RESOURCE_REQUEST},
-        num_cpus=site.actor_cpus,
+        resources={site_resource(job.site): ACTOR_RESOURCE_REQUEST},
+        num_cpus=actor_cpus,
         max_restarts=-1,
         max_task_retries=0,
     )
-    return remote.remote(site.name, dict(config), dict(plan), devices=devices, seed=seed,
-                         tasks_per_round=tasks_per_round, delay_s=site.delay_s, fail=fail,
-                         compute_nice=site.compute_nice)
+    return remote.remote(job)

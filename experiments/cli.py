@@ -9,35 +9,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.config import ConfigError, load_config
+from experiments.config import ConfigError, load_config, resolve_config
 from experiments.stopping import exit_code
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def _resolve_config(name: str) -> Path:
-    """A config path, or the name of a bundled config (``omniglot_maml_5w1s``)."""
-    path = Path(name)
-    if path.exists():
-        return path
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if bundled.exists():
-        return bundled
-    choices = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"no config file {name!r}; bundled configs: {choices}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
-    cfg = load_config(_resolve_config(args.config), args.set)
+    cfg = load_config(resolve_config(args.config), args.set)
     return exit_code(train(cfg, resume=not args.fresh))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
-    cfg = load_config(_resolve_config(args.config), args.set)
+    cfg = load_config(resolve_config(args.config), args.set)
     return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
 
 

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from metalearn.aggregation import (
+    Aggregator,
+    ClipAndNoise,
+    CoordinateMedian,
+    TrimmedMean,
+    WeightedMean,
+)
 
 
 class _Section(BaseModel):
@@ -87,6 +103,77 @@ class EvalConfig(_Section):
     seed: int = 1234
 
 
+# --------------------------------------------------------------------------- aggregation rules
+# One model per rule, told apart by ``name``: the config is checked once, and ``build()`` makes
+# the rule (metalearn.aggregation) with the values checked here; the rules have no defaults.
+
+def _known_rule(value: Any) -> Any:
+    """Say which rules exist when ``name`` names none (pydantic's own message lists tags)."""
+    if isinstance(value, dict):
+        value = {"name": "weighted_mean", **value}
+        if value["name"] not in AGGREGATION_RULES:
+            raise ValueError(f"unknown aggregator {value['name']!r}; choose one of "
+                             f"{', '.join(AGGREGATION_RULES)}")
+    return value
+
+
+class WeightedMeanRule(_Section):
+    """FedAvg: the mean weighted by each update's task count."""
+
+    name: Literal["weighted_mean"] = "weighted_mean"
+
+    def build(self) -> Aggregator:
+        return WeightedMean()
+
+
+class MedianRule(_Section):
+    """The coordinate-wise median (ignores task counts)."""
+
+    name: Literal["median"] = "median"
+
+    def build(self) -> Aggregator:
+        return CoordinateMedian()
+
+
+class TrimmedMeanRule(_Section):
+    """Drop the ``floor(trim * n)`` lowest and highest values of each coordinate, average."""
+
+    name: Literal["trimmed_mean"] = "trimmed_mean"
+    trim: float = Field(0.1, description="share trimmed at each end, in [0, 0.5)")
+
+    @field_validator("trim")
+    @classmethod
+    def _trim(cls, value: float) -> float:
+        if not 0.0 <= value < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {value}")
+        return value
+
+    def build(self) -> Aggregator:
+        return TrimmedMean(self.trim)
+
+
+class ClipNoiseRule(_Section):
+    """Clip each update to ``clip_norm``, aggregate with ``inner``, add Gaussian noise."""
+
+    name: Literal["clip_noise"] = "clip_noise"
+    inner: AggregatorConfig = Field(default_factory=WeightedMeanRule)
+    clip_norm: float = Field(gt=0, description="L2 bound of each update")
+    noise_multiplier: float = Field(0.0, ge=0, description="noise std / (clip_norm / n)")
+    seed: int = Field(0, description="seed of the noise generator")
+
+    def build(self) -> Aggregator:
+        return ClipAndNoise(self.inner.build(), self.clip_norm, self.noise_multiplier, self.seed)
+
+
+AggregatorConfig = Annotated[
+    Union[WeightedMeanRule, MedianRule, TrimmedMeanRule, ClipNoiseRule],  # noqa: UP007
+    Field(discriminator="name"),
+    BeforeValidator(_known_rule),
+]
+AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise")
+ClipNoiseRule.model_rebuild()
+
+
 class FederatedConfig(_Section):
     """Federated meta-training across edge sites (``edgemeta federated``).
 
@@ -117,7 +204,7 @@ class FederatedConfig(_Section):
     quorum: int = Field(1, ge=1, description="fewest updates that make an outer step")
     max_missed_rounds: int = Field(3, ge=1, description="consecutive rounds below quorum "
                                                         "before the run fails")
-    aggregator: dict[str, Any] = Field(default_factory=lambda: {"name": "weighted_mean"})
+    aggregator: AggregatorConfig = Field(default_factory=WeightedMeanRule)
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of each site's "
                                     "characters held out for the personalization report")
     personalize_episodes: int = Field(100, ge=0, description="held-out tasks per site for "
@@ -130,9 +217,6 @@ class FederatedConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
-        from metalearn.aggregation import build_aggregator
-
-        build_aggregator(self.aggregator)  # raises ValueError with the reason
         topology = self.resolved_topology()
         names = topology.site_names
         unknown = sorted(set(self.fail_sites) - set(names))
@@ -208,6 +292,21 @@ class ExperimentConfig(_Section):
 
 class ConfigError(ValueError):
     """A config file that cannot be used, with a message that says where and why."""
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config(name: str) -> Path:
+    """A config path, or the name of a bundled config (``omniglot_maml_5w1s``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if bundled.exists():
+        return bundled
+    choices = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"no config file {name!r}; bundled configs: {choices}")
 
 
 def _format(err: ValidationError, source: str) -> str:

@@ -81,3 +81,14 @@ def site_personalization(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", ncol=2)
     return _save(fig, path)
+
+
+def write_federated_plots(run_dir: Path, rows: list[dict], personal: list[dict]) -> list[Path]:
+    """A federated run's figures: learning curve by round, round times, personalization."""
+    df = pd.DataFrame(rows)
+    paths = [learning_curve(df, run_dir / "learning_curve.png", x="round"),
+             round_times(df, run_dir / "round_times.png")]
+    if any("error" not in p for p in personal):
+        paths.append(site_personalization([p for p in personal if "error" not in p],
+                                          run_dir / "personalization.png"))
+    return paths

@@ -1,47 +1,55 @@
-"""The run folder: resolved config, metrics table, summary. One writer per run.
+"""The run folder: resolved config, metrics tables, summary. One writer per run.
 
-Metrics accumulate as rows in memory and are flushed to ``metrics.parquet`` (atomically, the
-whole table) at every checkpoint, so the table on disk always matches a checkpoint and a resumed
-run continues it instead of duplicating or losing rows.
+Metrics accumulate as rows in memory and are flushed to parquet (atomically, the whole table)
+at every checkpoint, so a table on disk always matches a checkpoint and a resumed run continues
+it instead of duplicating or losing rows. A centralized run has one table (``metrics.parquet``,
+a row per step); a federated run adds a row per site and round (``sites.parquet``), and
+:func:`round_row` and :func:`federated_summary` say what a round's row and the summary's
+federated part hold.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from metalearn.checkpoint import atomic_write_bytes
 
+if TYPE_CHECKING:  # typing only: the run log itself needs nothing of Ray
+    from actors.federation import RoundOutcome
+    from cluster.topology import Topology
+    from experiments.config import FederatedConfig
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.parquet"
+SITES_FILE = "sites.parquet"
 SUMMARY_FILE = "summary.json"
 
 
-class RunLog:
-    """Rows of metrics for one run, persisted in its folder."""
+class RowTable:
+    """Rows of one table kept in memory, persisted whole (atomically) as one parquet file."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.rows: list[dict[str, Any]] = []
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        text = yaml.safe_dump(config, sort_keys=False)
-        atomic_write_bytes(self.run_dir / CONFIG_FILE, text.encode())
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
     def truncate_to(self, step: int, key: str = "step") -> None:
         """Reload the table on disk and keep rows up to ``step`` (resume after a crash)."""
-        path = self.run_dir / METRICS_FILE
-        if path.exists():
-            df = pd.read_parquet(path)
+        if self.path.exists():
+            df = pd.read_parquet(self.path)
             self.rows = df[df[key] <= step].to_dict("records")
 
     def flush(self) -> None:
@@ -49,7 +57,20 @@ class RunLog:
             return
         buf = io.BytesIO()
         pd.DataFrame(self.rows).to_parquet(buf, index=False)
-        atomic_write_bytes(self.run_dir / METRICS_FILE, buf.getvalue())
+        atomic_write_bytes(self.path, buf.getvalue())
+
+
+class RunLog(RowTable):
+    """A run's folder: its config, its metrics table (a row per step or round), its summary."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(self.run_dir / METRICS_FILE)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        text = yaml.safe_dump(config, sort_keys=False)
+        atomic_write_bytes(self.run_dir / CONFIG_FILE, text.encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps(summary, indent=2, sort_keys=True)
@@ -61,3 +82,91 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {CONFIG_FILE} is missing")
     return yaml.safe_load(path.read_text())
+
+
+def headline(result: Mapping[str, Any]) -> str:
+    """A meta-test result in one line: accuracy ± ci95, or MSE by adaptation steps."""
+    if "accuracy" in result:
+        return f"accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}"
+    return "mse " + ", ".join(f"{k} steps: {v:.3f}" for k, v in result["mse"].items())
+
+
+# --------------------------------------------------------------------------- federated runs
+
+def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
+              site_names: Sequence[str], wall_s: float) -> dict[str, Any]:
+    """The per-round metrics row: timings, traffic, who arrived, task-weighted metrics.
+
+    ``participants`` counts the sites chosen for the round, ``called`` those actually sent
+    the parameters (not a site still busy with a late call, nor one that is down).
+    ``wall_s`` is the whole round as the driver lives it, from packing the parameters to the
+    end of the outer step (``calls_s``: the calls alone); ``overhead_s`` is that
+    beyond the slowest arrived site's compute: packing and ``ray.put``, dispatch, transfers,
+    reading the results, aggregation, the outer step, and any wait for sites that turned out
+    late. ``dispatch_s_max`` / ``reply_s_max``: the longest delivery of a call (sent by the
+    driver to started on the site) and of a reply (finished on the site to seen by the driver).
+    ``compute_wait_s_max``: the longest wait, inside a site's ``compute_s``, between the call
+    starting and the site's compute thread getting a CPU (sites sharing a node's cores).
+    """
+    ok = [s for s in outcome.sites if s["status"] == "ok"]
+    compute = [s["compute_s"] for s in ok]
+    called = len(outcome.sites) - outcome.count("busy") - outcome.count("down")
+    row: dict[str, Any] = {
+        "round": round_idx, "step": round_idx, "wall_s": wall_s, "calls_s": outcome.wall_s,
+        "compute_s_max": max(compute, default=float("nan")),
+        "compute_s_mean": float(np.mean(compute)) if compute else float("nan"),
+        "overhead_s": wall_s - max(compute, default=0.0),
+        "dispatch_s_max": max((s["dispatch_s"] for s in ok), default=float("nan")),
+        "reply_s_max": max((s["reply_s"] for s in ok), default=float("nan")),
+        "compute_wait_s_max": max((s["compute_wait_s"] for s in ok), default=float("nan")),
+        "bytes_down": param_bytes * called, "bytes_up": sum(s["bytes_up"] for s in ok),
+        "participants": len(outcome.sites), "called": called, "arrived": len(ok),
+        "late": outcome.count("late"), "failed": outcome.count("failed"),
+        "busy": outcome.count("busy"), "down": outcome.count("down"),
+        "round_tasks": sum(s["num_tasks"] for s in ok),
+    }
+    total = row["round_tasks"]
+    for key in ("loss_before", "loss_after", "acc_before", "acc_after"):
+        vals = [(s[key], s["num_tasks"]) for s in ok if key in s]
+        if vals and total:
+            row[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    by_site = {s["site"]: s.get("compute_s", float("nan")) for s in outcome.sites}
+    row.update({f"compute_s.{s}": by_site.get(s, float("nan")) for s in site_names})
+    return row
+
+
+def round_line(row: Mapping[str, Any], rounds: int, trouble: Sequence[str]) -> str:
+    """A round's row as one console line (metrics, timing, and what went wrong)."""
+    metrics = " ".join(f"{k} {row[k]:.3f}" for k in ("loss_after", "acc_after")
+                       if k in row and row[k] == row[k])
+    return (f"round {row['round']}/{rounds} arrived {row['arrived']}/{row['called']} "
+            f"{metrics} wall {row['wall_s']:.2f}s overhead {row['overhead_s']:.3f}s"
+            + (f" [{', '.join(trouble)}]" if trouble else "")
+            + (" SKIPPED (below quorum)" if row["skipped"] else ""))
+
+
+def federated_summary(rows: list[dict], site_rows: list[dict], personal: list[dict],
+                      fed: FederatedConfig, topology: Topology, per_site: int) -> dict[str, Any]:
+    """The federated part of ``summary.json``: who took part, what went wrong, what it cost."""
+    df = pd.DataFrame(rows)
+    sites = pd.DataFrame(site_rows)
+
+    def count(status: str) -> dict[str, int]:
+        if sites.empty:
+            return {}
+        picked = sites[sites["status"] == status]
+        return {str(k): int(v) for k, v in picked.groupby("site").size().items()}
+
+    return {
+        "sites": topology.site_names, "tasks_per_site": per_site,
+        "local_steps": fed.local_steps, "aggregator": fed.aggregator.model_dump(mode="json"),
+        "site_fraction": fed.site_fraction, "quorum": fed.quorum,
+        "rounds": len(df), "skipped_rounds": int(df["skipped"].sum()) if len(df) else 0,
+        "late": count("late"), "failed": count("failed"), "busy": count("busy"),
+        "down": count("down"),
+        "median_round_s": float(df["wall_s"].median()) if len(df) else None,
+        "median_overhead_s": float(df["overhead_s"].median()) if len(df) else None,
+        "bytes_down": int(df["bytes_down"].sum()) if len(df) else 0,
+        "bytes_up": int(df["bytes_up"].sum()) if len(df) else 0,
+        "personalization": personal,
+    }

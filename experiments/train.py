@@ -17,10 +17,10 @@ import torch
 
 from cluster.console import Printer
 from experiments.config import ExperimentConfig
-from experiments.runlog import RunLog
-from experiments.stopping import StopRequests
+from experiments.loop import RunLoop
+from experiments.runlog import RunLog, headline
 from metalearn.algorithms.base import MetaAlgorithm
-from metalearn.checkpoint import load_checkpoint, resume_from_latest, save_checkpoint
+from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
 from metalearn.from_config import algorithm_from_config, sampler_from_config
 from metalearn.outer import OuterOptimizer
@@ -45,90 +45,74 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
                     batch=cfg.eval.batch)
 
 
-def _headline(result: dict[str, Any]) -> str:
-    if "accuracy" in result:
-        return f"accuracy {100 * result['accuracy']:.2f}% ± {100 * result['ci95']:.2f}"
-    return "mse " + ", ".join(f"{k} steps: {v:.3f}" for k, v in result["mse"].items())
-
-
 def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) -> dict[str, Any]:
     """Train centrally as configured, write the run folder, and return the summary.
 
     Stopped by SIGINT/SIGTERM, it checkpoints the last finished step and returns
     ``{"stopped_by": "SIGTERM", "train_steps": ...}`` without meta-testing."""
     run_dir = cfg.run_dir
-    spec = cfg.to_dict()
+    config = cfg.to_dict()
     log = RunLog(run_dir)
-    log.write_config(spec)
+    log.write_config(config)
 
     torch.manual_seed(cfg.seed)
-    algorithm = algorithm_from_config(spec)
+    algorithm = algorithm_from_config(config)
     outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr,
                            kind=cfg.train.outer_optimizer)
-    sampler = sampler_from_config(spec["data"], "train", seed=cfg.seed)
-    step, elapsed = 0, 0.0
-    state = resume_from_latest(run_dir, outer) if resume else None
-    if state is not None:
-        sampler.load_state_dict(state["sampler"])
-        step, elapsed = state["step"], state["elapsed_s"]
-        log.truncate_to(step)
-        echo(f"resuming {run_dir} from step {step}")
+    sampler = sampler_from_config(config["data"], "train", seed=cfg.seed)
+    with RunLoop(run_dir, unit="step", total=cfg.train.steps, echo=echo,
+                 checkpoint_every=cfg.train.checkpoint_every,
+                 time_budget_s=cfg.train.time_budget_s) as loop:
+        state = loop.resume(outer) if resume else None
+        if state is not None:
+            sampler.load_state_dict(state["sampler"])
+            log.truncate_to(loop.step)
 
-    def checkpoint() -> None:
-        save_checkpoint(run_dir, step, {"outer": outer.state_dict(), "params": outer.params,
-                                        "sampler": sampler.state_dict(),
-                                        "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed})
-        log.flush()
+        def checkpoint() -> None:
+            save_checkpoint(run_dir, loop.step, {
+                "outer": outer.state_dict(), "params": outer.params,
+                "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "elapsed_s": loop.elapsed_s})
+            log.flush()
 
-    shape = (f"{cfg.data.shots}-shot" if cfg.data.dataset == "sinusoid"
-             else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
-    echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
-         f"for {cfg.train.steps} steps -> {run_dir}")
-    budget = cfg.train.time_budget_s
-    with StopRequests() as stop:
-        while (step < cfg.train.steps and (budget is None or elapsed < budget)
-               and not stop.requested):
-            step, elapsed = _one_step(cfg, algorithm, outer, sampler, log, step, elapsed, echo)
-            if step % cfg.train.checkpoint_every == 0:
-                checkpoint()
-        checkpoint()
-    if stop.signal is not None:
-        echo(f"stopped by {stop.signal.name} after step {step}; checkpoint saved in {run_dir}: "
-             "run the same command to resume")
-        return {"name": cfg.name, "stopped_by": stop.signal.name, "train_steps": step,
-                "train_time_s": round(elapsed, 2)}
+        shape = (f"{cfg.data.shots}-shot" if cfg.data.dataset == "sinusoid"
+                 else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
+        echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
+             f"for {cfg.train.steps} steps -> {run_dir}")
+        for step in loop.steps(save=checkpoint):
+            _one_step(cfg, algorithm, outer, sampler, log, step, loop, echo)
+    if loop.stopped_by:
+        return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
+                "train_time_s": round(loop.elapsed_s, 2)}
 
     echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
     result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes)
     summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
-               "train_steps": step, "train_time_s": round(elapsed, 2),
-               "train_tasks": step * cfg.train.meta_batch}
+               "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
+               "train_tasks": loop.step * cfg.train.meta_batch}
     log.write_summary(summary)
-    echo(f"{cfg.name}: {_headline(result)} after {step} steps ({elapsed:.0f} s)")
+    echo(f"{cfg.name}: {headline(result)} after {loop.step} steps ({loop.elapsed_s:.0f} s)")
     return summary
 
 
 def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptimizer,
-              sampler: Any, log: RunLog, step: int, elapsed: float, echo: Printer
-              ) -> tuple[int, float]:
+              sampler: Any, log: RunLog, step: int, loop: RunLoop, echo: Printer) -> None:
     """One meta-step: sample tasks, meta-gradient, outer step; log (and evaluate) it."""
     t0 = time.perf_counter()
     tasks = sampler.sample(cfg.train.meta_batch)
     update = algorithm.meta_update(outer.params, tasks)
     outer.step(update.tensors, update.kind)
-    step += 1
-    elapsed += time.perf_counter() - t0
+    elapsed = loop.count(time.perf_counter() - t0)
     row: dict[str, Any] = {"step": step, "time_s": elapsed, "tasks": step * len(tasks),
                            **update.metrics}
     if cfg.train.eval_every and step % cfg.train.eval_every == 0:
         result = meta_test(cfg, algorithm, outer.params, cfg.train.eval_episodes)
         row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
-        echo(f"  step {step}: meta-test {_headline(result)}")
+        echo(f"  step {step}: meta-test {headline(result)}")
     log.append(row)
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         metrics = " ".join(f"{k} {v:.3f}" for k, v in update.metrics.items())
         echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
-    return step, elapsed
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
@@ -146,5 +130,5 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | N
     state = load_checkpoint(run_dir, step)
     result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
     result["step"] = int(state["step"])
-    echo(f"{run_dir} @ step {result['step']}: {_headline(result)}")
+    echo(f"{run_dir} @ step {result['step']}: {headline(result)}")
     return result

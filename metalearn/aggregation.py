@@ -1,9 +1,11 @@
 """How the cloud turns the updates of several sites into one: small, swappable strategies.
 
-Every strategy has the same shape (as Flower's strategies do): a list of
-:class:`~metalearn.algorithms.base.MetaUpdate` of one kind goes in, one ``Params`` dict comes
-out, and the cloud's outer optimizer applies it as that kind. So the driver never needs to know
-which rule is in use, and a new rule is one small class.
+Every strategy has the same shape (as Flower's strategies do): a list of :class:`FlatUpdate`
+of one kind goes in (each a flat vector of the model's parameter count, as it came off the
+wire), one vector comes out, and the cloud's outer optimizer applies it as that kind. So the
+driver never needs to know which rule is in use, and a new rule is one small class. Every rule
+is coordinate-wise (or, for clipping, over the whole vector), so flat vectors cost one op per
+rule instead of one per tensor.
 
 * :class:`WeightedMean` — FedAvg: the mean weighted by each update's task count. With full
   participation and one local step this is exactly the centralized meta-gradient over the
@@ -14,6 +16,9 @@ which rule is in use, and a new rule is one small class.
 * :class:`ClipAndNoise` — wraps any rule: clip each update to a global L2 norm, aggregate, add
   Gaussian noise (DP-FedAvg, McMahan et al., 2018). Its noise generator is seeded and its state
   is checkpointed, so a resumed run draws the same noise as an uninterrupted one.
+
+Rules are built from the config's ``federated.aggregator`` section (a validated union of one
+model per rule, in :mod:`experiments.config`); their constructors take no defaults of their own.
 """
 
 from __future__ import annotations
@@ -21,40 +26,52 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from metalearn.algorithms.base import MetaUpdate
-from metalearn.params import Params, weighted_sum
+from metalearn.params import FlatLayout
 
 
-def check_updates(updates: Sequence[MetaUpdate]) -> str:
+@dataclass(frozen=True)
+class FlatUpdate:
+    """One site's update as the cloud aggregates it: a flat vector in the meta-parameters'
+    :class:`~metalearn.params.FlatLayout` order, its kind, and the tasks it stands for."""
+
+    kind: Literal["gradient", "delta"]
+    vector: Tensor
+    num_tasks: int
+
+    @classmethod
+    def of(cls, update: MetaUpdate, layout: FlatLayout) -> FlatUpdate:
+        """A :class:`MetaUpdate` (a dict of tensors) flattened in ``layout``'s order."""
+        return cls(update.kind, layout.concat(update.tensors, "update"), update.num_tasks)
+
+
+def check_updates(updates: Sequence[FlatUpdate]) -> str:
     """Validate that updates can be combined; return their common kind.
 
     All updates must be of one kind (a gradient and a delta have opposite signs and different
-    scales) and carry the same tensor names and shapes.
+    scales) and have the same shape.
     """
     if not updates:
         raise ValueError("nothing to aggregate: no updates")
     kinds = {u.kind for u in updates}
     if len(kinds) != 1:
         raise ValueError(f"updates of different kinds cannot be aggregated: {sorted(kinds)}")
-    first = updates[0].tensors
+    shape = updates[0].vector.shape
     for i, u in enumerate(updates[1:], start=1):
-        if u.tensors.keys() != first.keys():
-            raise KeyError(f"update {i} has different tensors: "
-                           f"{sorted(set(u.tensors) ^ set(first))}")
-        for k, v in u.tensors.items():
-            if v.shape != first[k].shape:
-                raise ValueError(f"update {i}: {k} has shape {tuple(v.shape)}, "
-                                 f"expected {tuple(first[k].shape)}")
+        if u.vector.shape != shape:
+            raise ValueError(f"update {i} has shape {tuple(u.vector.shape)}, "
+                             f"expected {tuple(shape)}")
     return kinds.pop()
 
 
-def _stacked(updates: Sequence[MetaUpdate], key: str) -> Tensor:
-    return torch.stack([u.tensors[key].detach() for u in updates])
+def _stacked(updates: Sequence[FlatUpdate]) -> Tensor:
+    return torch.stack([u.vector.detach() for u in updates])
 
 
 class Aggregator(ABC):
@@ -63,8 +80,8 @@ class Aggregator(ABC):
     name: ClassVar[str] = "base"
 
     @abstractmethod
-    def aggregate(self, updates: Sequence[MetaUpdate]) -> Params:
-        """The combined update (same names and shapes as each input's tensors)."""
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
+        """The combined update, a vector of the inputs' shape."""
 
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a checkpoint (none for deterministic rules)."""
@@ -79,12 +96,15 @@ class WeightedMean(Aggregator):
 
     name = "weighted_mean"
 
-    def aggregate(self, updates: Sequence[MetaUpdate]) -> Params:
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
         check_updates(updates)
         total = sum(u.num_tasks for u in updates)
         if total <= 0:
             raise ValueError("updates stand for no tasks: cannot weight by task count")
-        return weighted_sum([u.tensors for u in updates], [u.num_tasks / total for u in updates])
+        out = (updates[0].num_tasks / total) * updates[0].vector.detach().clone()
+        for u in updates[1:]:  # in the given order: the float sums are reproducible
+            out = out + (u.num_tasks / total) * u.vector
+        return out
 
 
 class CoordinateMedian(Aggregator):
@@ -93,14 +113,11 @@ class CoordinateMedian(Aggregator):
 
     name = "median"
 
-    def aggregate(self, updates: Sequence[MetaUpdate]) -> Params:
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
         check_updates(updates)
         n = len(updates)
-        out: Params = {}
-        for key in updates[0].tensors:
-            s = _stacked(updates, key).sort(dim=0).values
-            out[key] = s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        return out
+        s = _stacked(updates).sort(dim=0).values
+        return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 class TrimmedMean(Aggregator):
@@ -109,24 +126,22 @@ class TrimmedMean(Aggregator):
 
     name = "trimmed_mean"
 
-    def __init__(self, trim: float = 0.1) -> None:
+    def __init__(self, trim: float) -> None:
         if not 0.0 <= trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
 
-    def aggregate(self, updates: Sequence[MetaUpdate]) -> Params:
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
         check_updates(updates)
         n = len(updates)
         k = math.floor(self.trim * n)
-        out: Params = {}
-        for key in updates[0].tensors:
-            s = _stacked(updates, key).sort(dim=0).values
-            out[key] = s[k:n - k].mean(dim=0)
-        return out
+        return _stacked(updates).sort(dim=0).values[k:n - k].mean(dim=0)
 
 
-def global_norm(tensors: Mapping[str, Tensor]) -> float:
+def global_norm(tensors: Mapping[str, Tensor] | Tensor) -> float:
     """L2 norm of all tensors taken together as one flat vector."""
+    if isinstance(tensors, Tensor):
+        return math.sqrt(float(tensors.detach().double().pow(2).sum()))
     return math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in tensors.values()))
 
 
@@ -140,8 +155,8 @@ class ClipAndNoise(Aggregator):
 
     name = "clip_noise"
 
-    def __init__(self, inner: Aggregator, clip_norm: float, noise_multiplier: float = 0.0,
-                 seed: int = 0) -> None:
+    def __init__(self, inner: Aggregator, clip_norm: float, noise_multiplier: float,
+                 seed: int) -> None:
         if clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if noise_multiplier < 0:
@@ -151,19 +166,17 @@ class ClipAndNoise(Aggregator):
         self.noise_multiplier = float(noise_multiplier)
         self._generator = torch.Generator().manual_seed(int(seed))
 
-    def clip(self, update: MetaUpdate) -> MetaUpdate:
-        norm = global_norm(update.tensors)
+    def clip(self, update: FlatUpdate) -> FlatUpdate:
+        norm = global_norm(update.vector)
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
-        return MetaUpdate(update.kind, {k: v * scale for k, v in update.tensors.items()},
-                          update.num_tasks, dict(update.metrics))
+        return FlatUpdate(update.kind, update.vector * scale, update.num_tasks)
 
-    def aggregate(self, updates: Sequence[MetaUpdate]) -> Params:
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
         check_updates(updates)
         out = self.inner.aggregate([self.clip(u) for u in updates])
         std = self.noise_multiplier * self.clip_norm / len(updates)
         if std > 0:
-            out = {k: v + std * torch.randn(v.shape, generator=self._generator).to(v.dtype)
-                   for k, v in out.items()}
+            out = out + std * torch.randn(out.shape, generator=self._generator).to(out.dtype)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -172,27 +185,3 @@ class ClipAndNoise(Aggregator):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._generator.set_state(state["rng"])
         self.inner.load_state_dict(state.get("inner", {}))
-
-
-def build_aggregator(spec: Mapping[str, Any] | None) -> Aggregator:
-    """An aggregator from a config dict, e.g. ``{"name": "trimmed_mean", "trim": 0.2}`` or
-    ``{"name": "clip_noise", "inner": {"name": "weighted_mean"}, "clip_norm": 1.0,
-    "noise_multiplier": 0.5, "seed": 0}``. ``None`` means the weighted mean."""
-    spec = dict(spec or {"name": "weighted_mean"})
-    name = spec.pop("name", "weighted_mean")
-    try:
-        if name == "weighted_mean":
-            agg: Aggregator = WeightedMean(**spec)
-        elif name == "median":
-            agg = CoordinateMedian(**spec)
-        elif name == "trimmed_mean":
-            agg = TrimmedMean(**spec)
-        elif name == "clip_noise":
-            inner = build_aggregator(spec.pop("inner", None))
-            agg = ClipAndNoise(inner, **spec)
-        else:
-            raise ValueError(f"unknown aggregator {name!r}; choose one of "
-                             "weighted_mean, median, trimmed_mean, clip_noise")
-    except TypeError as err:  # an unexpected or missing keyword
-        raise ValueError(f"aggregator {name!r}: {err}") from None
-    return agg

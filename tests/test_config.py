@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import CONFIG_DIR
-from experiments.config import ConfigError, apply_overrides, load_config, parse_config
+from experiments.config import CONFIG_DIR, ConfigError, apply_overrides, load_config, parse_config
 
 
 def test_every_bundled_config_validates() -> None:

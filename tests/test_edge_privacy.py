@@ -14,6 +14,7 @@ Two checks on a real (embedded) Ray cluster with Omniglot:
 from __future__ import annotations
 
 import builtins
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from helpers import embedded_cluster
 
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import train_federated
+from experiments.federated import site_jobs, train_federated
 from metalearn.from_config import algorithm_from_config
 from metalearn.params import FlatLayout
 from metalearn.sites import plan_sites
@@ -57,7 +58,11 @@ def param_shapes(cfg: ExperimentConfig) -> set[tuple[int, ...]]:
 
 
 def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
-    """Every non-container value inside nested dicts, lists and tuples, with its path."""
+    """Every non-container value inside nested dataclasses, dicts, lists and tuples, with its
+    path (a typed message such as ``RoundReply`` is walked field by field)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [leaf for f in dataclasses.fields(value)
+                for leaf in leaves(getattr(value, f.name), f"{path}.{f.name}")]
     if isinstance(value, dict):
         return [leaf for k, v in value.items() for leaf in leaves(v, f"{path}.{k}")]
     if isinstance(value, list | tuple):
@@ -77,24 +82,29 @@ def assert_no_data(value: Any, shapes: set[tuple[int, ...]]) -> None:
 
 def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
                                                                   tmp_path: Path) -> None:
+    from actors.contract import RoundReply, RoundTimings
     from actors.edge import spawn_edge
 
     cfg = config(tmp_path)
     spec = cfg.to_dict()
     topology = ray_cluster
-    plan = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))["site-0"]
-    edge = spawn_edge(topology.sites[0], spec, plan, devices=2, seed=1, tasks_per_round=3)
+    plans = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))
+    site = topology.sites[0]
+    job = site_jobs(cfg, topology, plans, dict.fromkeys(topology.site_names, 2), 3)[site.name]
+    edge = spawn_edge(job, site.actor_cpus)
     try:
         params = algorithm_from_config(spec).init_params()
         layout = FlatLayout.of(params)
         result = ray.get(edge.round.remote(ray.put(layout.pack(params)), 1, [0, 1]))
-        assert set(result) == {"site", "round", "kind", "update", "num_tasks", "metrics",
-                               "compute_s", "compute_wait_s", "started_at", "finished_at",
-                               "device_ids"}
-        assert result["update"].shape == (layout.numel,)
-        assert result["update"].dtype == np.float32
-        assert result["num_tasks"] == 3 and result["device_ids"] == [0, 1]
-        assert all(isinstance(v, float) for v in result["metrics"].values())
+        assert isinstance(result, RoundReply) and isinstance(result.timings, RoundTimings)
+        fields = {f.name for m in (result, result.timings) for f in dataclasses.fields(m)}
+        assert fields - {"timings"} == {"site", "round", "kind", "update", "num_tasks",
+                                        "metrics", "compute_s", "compute_wait_s", "started_at",
+                                        "finished_at", "device_ids"}
+        assert result.update.shape == (layout.numel,)
+        assert result.update.dtype == np.float32
+        assert result.num_tasks == 3 and list(result.device_ids) == [0, 1]
+        assert all(isinstance(v, float) for v in result.metrics.values())
         shapes = param_shapes(cfg)
         for value in (result, ray.get(edge.personalize.remote(params, 2)),
                       ray.get(edge.info.remote()), ray.get(edge.sampler_state.remote())):
@@ -155,14 +165,16 @@ def test_site_compute_runs_below_the_priority_of_its_calls(ray_cluster, tmp_path
     calls reach a busy site at once instead of waiting for a time slice."""
     from actors.edge import spawn_edge
 
-    spec = config(tmp_path).to_dict()
+    cfg = config(tmp_path)
+    spec = cfg.to_dict()
     topology = ray_cluster
-    plan = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))["site-1"]
+    plans = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))
     site = topology.sites[1]
     assert site.compute_nice == 19
-    edge = spawn_edge(site, spec, plan, devices=1, seed=1, tasks_per_round=1)
+    job = site_jobs(cfg, topology, plans, dict.fromkeys(topology.site_names, 1), 1)[site.name]
+    edge = spawn_edge(job, site.actor_cpus)
     try:
-        nice = ray.get(edge.info.remote())["nice"]
+        nice = ray.get(edge.info.remote()).nice
         assert nice["compute"] == 19
         assert nice["calls"] < nice["compute"]
     finally:

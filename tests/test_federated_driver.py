@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from experiments.cli import CONFIG_DIR, main
-from experiments.config import ConfigError, load_config, parse_config
+from experiments.cli import main
+from experiments.config import CONFIG_DIR, ConfigError, load_config, parse_config
 from experiments.federated import train_federated
 
 ROOT = Path(__file__).resolve().parents[1]

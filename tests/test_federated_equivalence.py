@@ -18,7 +18,7 @@ from helpers import embedded_cluster
 
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import choose_participants, tasks_per_site, train_federated
-from metalearn.aggregation import WeightedMean
+from metalearn.aggregation import FlatUpdate, WeightedMean
 from metalearn.checkpoint import load_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update
@@ -96,7 +96,8 @@ class Reference:
                                 self.fed.local_steps, self.fed.local_lr,
                                 self.fed.local_optimizer)
                    for s, d in self.participants(r).items()]
-        self.outer.step(WeightedMean().aggregate(updates), updates[0].kind)
+        flat = [FlatUpdate.of(u, self.outer.layout) for u in updates]
+        self.outer.step_flat(WeightedMean().aggregate(flat), updates[0].kind)
 
 
 def federated_params(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -169,17 +170,17 @@ def test_one_local_step_full_participation_equals_centralized_maml(ray_cluster,
 def test_parameters_through_the_object_store_give_the_same_result(
         ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Big models are ``ray.put`` once a round instead of riding inline in each call."""
-    import experiments.federated as federated
+    import actors.federation as federation
 
     puts: list[int] = []
-    real_put = federated.ray.put
+    real_put = federation.ray.put
 
     def counting_put(value: object) -> object:
         puts.append(getattr(value, "nbytes", -1))
         return real_put(value)
 
-    monkeypatch.setattr(federated, "INLINE_BROADCAST_BYTES", 0)
-    monkeypatch.setattr(federated.ray, "put", counting_put)
+    monkeypatch.setattr(federation, "INLINE_BROADCAST_BYTES", 0)
+    monkeypatch.setattr(federation.ray, "put", counting_put)
     cfg = config(tmp_path, "fed-put", devices_per_site=2, rounds=2)
     params = federated_params(cfg)
     ref = Reference(cfg)

@@ -1,0 +1,138 @@
+"""What crosses between the cloud and an edge site, as typed, frozen values, in one place.
+
+Two messages make the federated protocol (besides the meta-parameters themselves, which travel
+as one flat float32 vector, inline or as one object ref, so that Ray can pass them zero-copy):
+
+* :class:`SiteJob` — what the cloud tells a site once, when its actor starts: how to build the
+  model and algorithm, which share of the data is its own (ids, never examples), what local work
+  a round means, how many devices it simulates, and the seed. The actor keeps it for its life
+  (a restarted actor is rebuilt from the same job).
+* :class:`RoundReply` — what a site returns each round: its update (flat, the model's parameter
+  count), the tasks it stands for, scalar metrics and timings. Nothing derived row by row from
+  the data.
+
+Defaults live in the experiment config alone (:mod:`experiments.config`): every field here is
+required, so a value can never silently differ between the cloud and a site. What later issues
+add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
+setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
+of :class:`SiteJob`, and a field of :class:`RoundReply` for what comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+UpdateKind = Literal["gradient", "delta"]
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """What one round asks of a site.
+
+    ``steps == 1``: the algorithm's own update (a meta-gradient for MAML and its kin) on
+    ``tasks_per_step`` fresh tasks. ``steps > 1``: that many local meta-steps with
+    ``optimizer`` at ``lr``, and the reply is the parameter delta (FedOpt).
+    """
+
+    steps: int
+    lr: float
+    optimizer: Literal["sgd", "adam"]
+    tasks_per_step: int
+
+
+@dataclass(frozen=True)
+class SiteJob:
+    """Everything a site needs to take part in a run; sent once, when its actor starts.
+
+    Args:
+        site: the site's name (``site-0``), as in the topology.
+        learner: the run config's ``data``, ``model`` and ``algorithm`` sections: what
+            :func:`metalearn.from_config.algorithm_from_config` rebuilds the model from, so
+            the cloud, every site and a serving replica adapt with identical code.
+        data_plan: the site's share of the data (:func:`metalearn.sites.plan_sites`: character
+            ids or an amplitude range, never examples).
+        local: the work of one round.
+        devices: virtual clients (devices) the site simulates.
+        seed: the run seed; a round's tasks are a function of (seed, site, device, round).
+        compute_nice: least niceness of the thread that runs the site's compute (0-19), so that
+            calls and replies are served at once while the site trains.
+        delay_s: simulated extra compute time per round (a slow site; from the topology).
+        fail: test hook: every round raises (from ``federated.fail_sites``).
+    """
+
+    site: str
+    learner: Mapping[str, Any]
+    data_plan: Mapping[str, Any]
+    local: LocalWork
+    devices: int
+    seed: int
+    compute_nice: int
+    delay_s: float
+    fail: bool
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"site {self.site}: devices must be >= 1, got {self.devices}")
+        if self.local.steps < 1 or self.local.tasks_per_step < 1:
+            raise ValueError(f"site {self.site}: local work needs at least one step of one "
+                             f"task, got {self.local}")
+
+
+@dataclass(frozen=True)
+class RoundTimings:
+    """Where a site's round went. ``started_at`` / ``finished_at`` are wall-clock times (to
+    split a round's overhead into delivery and reply; meaningful where clocks agree), the rest
+    ``perf_counter`` durations."""
+
+    compute_s: float  # from the call's start to the reply, on the site
+    compute_wait_s: float  # inside compute_s: waiting for the site's compute thread
+    started_at: float
+    finished_at: float
+
+
+@dataclass(frozen=True)
+class RoundReply:
+    """One site's answer to one round."""
+
+    site: str
+    round: int
+    kind: UpdateKind
+    update: np.ndarray  # float32, flat, the model's parameter count
+    num_tasks: int
+    metrics: Mapping[str, float]
+    timings: RoundTimings
+    device_ids: tuple[int, ...]
+
+    @property
+    def bytes_up(self) -> int:
+        return int(self.update.nbytes)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Where a site's actor runs and what it holds: counts and names, never data."""
+
+    site: str
+    pid: int
+    node_id: str | None
+    devices: int
+    characters: int
+    holdout: int
+    alphabets: tuple[str, ...]
+    amplitude: tuple[float, float] | None
+    rounds_done: int
+    load_s: float
+    warmup_s: float
+    nice: Mapping[str, int | None]
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        what = (f"{self.characters} characters ({len(self.alphabets)} alphabets), "
+                f"{self.holdout} held out" if self.amplitude is None
+                else f"amplitude {self.amplitude[0]:.2f}..{self.amplitude[1]:.2f}")
+        return (f"{self.site}: {what}, {self.devices} device(s), "
+                f"ready in {self.load_s + self.warmup_s:.1f} s")
