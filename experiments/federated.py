@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ import torch
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
 from actors.contract import LocalWork, SiteJob
 from actors.federation import Federation, RoundOutcome, broadcast
+from cluster.connect import connect, shutdown
 from cluster.console import Printer
 from cluster.topology import Topology
 from experiments.config import (
@@ -76,21 +78,18 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     """Train across the topology's edge sites as configured; write the run folder; summarize."""
     fed = federated_section(cfg)
     topology = fed.resolved_topology()
-    site_names = topology.site_names
     devices = {s.name: fed.devices_per_site or s.devices for s in topology.sites}
-    per_site = tasks_per_site(cfg, len(site_names))
+    per_site = tasks_per_site(cfg, len(devices))
     if fed.devices_per_round and fed.devices_per_round > per_site:
         raise ConfigError(f"federated.devices_per_round {fed.devices_per_round} exceeds the "
                           f"{per_site} tasks per site: some devices would sample no task")
-
-    run_dir = cfg.run_dir
     config = cfg.to_dict()  # the run folder's copy is self-contained: the topology in full
     config["federated"]["topology"] = topology.model_dump(mode="json")
-    log, site_log = RunLog(run_dir), RowTable(run_dir / SITES_FILE)
+    log = RunLog(cfg.run_dir)
     log.write_config(config)
 
     started = connect_cluster(address or fed.address, topology)
-    federation: Federation | None = None
+    cloud: Cloud | None = None
     # The cloud's own work is vector ops on ~1e5 floats (pack, aggregate, Adam): one thread.
     # Two OpenMP threads gain nothing at that size and, when the sites keep the cores busy,
     # wait on each other for a time slice (100+ ms stalls were measured here).
@@ -98,120 +97,150 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     torch.set_num_threads(1)
     try:
         check_resources(topology)
-        torch.manual_seed(cfg.seed)
-        outer = OuterOptimizer(algorithm_from_config(config).init_params(),
-                               lr=cfg.train.outer_lr, kind=cfg.train.outer_optimizer)
-        aggregator = fed.aggregator.build()
-        try:
-            plans = plan_partitions(config["data"], topology, cfg.seed, fed.holdout_fraction)
-        except SitePlanError as err:
-            raise ConfigError(str(err)) from None
-        federation = Federation.start(site_jobs(cfg, topology, plans, devices, per_site),
-                                      {s.name: s.actor_cpus for s in topology.sites},
-                                      outer.layout, echo)
+        cloud = Cloud.start(cfg, topology, devices, per_site, echo)
         # Everything alive now (modules, config, the actors' handles) lives for the run:
         # move it out of the collector's reach, so a full collection mid-round walks only
         # what the rounds allocate (the same trick as Serve's RAY_SERVE_FREEZE_GC_ON_STARTUP).
         gc.collect()
         gc.freeze()  # undone in `finally`: the caller's heap is theirs again after the run
-
-        rounds, missed, param_bytes = cfg.train.steps, 0, num_bytes(outer.params)
-        with RunLoop(run_dir, unit="round", total=rounds, echo=echo,
-                     checkpoint_every=cfg.train.checkpoint_every,
-                     time_budget_s=cfg.train.time_budget_s,
-                     stop_after=fed.stop_after_rounds) as loop:
-            state = loop.resume(outer) if resume else None
-            if state is not None:
-                aggregator.load_state_dict(state["aggregator"])
-                missed = int(state["missed"])
-                federation.load_sampler_states(state["sites"])
-                log.truncate_to(loop.step, key="round")
-                site_log.truncate_to(loop.step, key="round")
-
-            def checkpoint() -> None:
-                save_checkpoint(run_dir, loop.step, {
-                    "outer": outer.state_dict(), "params": outer.params,
-                    "aggregator": aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "elapsed_s": loop.elapsed_s, "missed": missed,
-                    "sites": federation.sampler_states()})
-                log.flush()
-                site_log.flush()
-
-            echo(f"federated {cfg.algorithm.name} on {cfg.data.dataset}: {len(site_names)} "
-                 f"sites, {per_site} tasks per site, {fed.local_steps} local step(s), "
-                 f"{rounds} rounds -> {run_dir}")
-            for round_idx in loop.steps(save=checkpoint):
-                t0 = time.perf_counter()
-                row, outcome = _one_round(fed, federation, outer, aggregator, round_idx,
-                                          devices, cfg.seed, param_bytes)
-                missed = 0 if not row["skipped"] else missed + 1
-                row["time_s"] = loop.count(time.perf_counter() - t0)
-                site_log.extend({"round": round_idx, **s} for s in outcome.sites)
-                if cfg.train.eval_every and round_idx % cfg.train.eval_every == 0:
-                    result = meta_test_on_cloud(cfg, outer.params, cfg.train.eval_episodes,
-                                                topology)
-                    row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
-                    echo(f"  round {round_idx}: meta-test {headline(result)}")
-                log.append(row)
-                trouble = [f"{s['site']} {s['status']}" for s in outcome.sites
-                           if s["status"] != "ok"]
-                if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
-                    echo(round_line(row, rounds, trouble))
-                if missed >= fed.max_missed_rounds:
-                    checkpoint()
-                    raise RuntimeError(f"{missed} rounds in a row below quorum {fed.quorum}; "
-                                       f"last errors: {trouble}")
+        echo(f"federated {cfg.algorithm.name} on {cfg.data.dataset}: {len(devices)} sites, "
+             f"{per_site} tasks per site, {fed.local_steps} local step(s), "
+             f"{cfg.train.steps} rounds -> {cfg.run_dir}")
+        loop = _train_rounds(cfg, cloud, log, devices, resume, echo)
         if loop.stopped_by:
             return loop.stopped_summary(cfg.name)
 
-        params = outer.params
-        personal = federation.personalize(params, fed.personalize_episodes, echo)
-        federation.release()  # the sites' work is done: free them before the meta-test starts
+        personal = cloud.federation.personalize(cloud.outer.params, fed.personalize_episodes,
+                                                echo)
+        cloud.federation.release()  # the sites' work is done: free them before the meta-test
         echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
-        result = meta_test_on_cloud(cfg, params, cfg.eval.episodes, topology)
+        result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.eval.episodes, topology)
         summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                    "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
                    "train_tasks": int(sum(r.get("round_tasks", 0) for r in log.rows)),
-                   "federated": federated_summary(log.rows, site_log.rows, personal, fed,
+                   "federated": federated_summary(log.rows, cloud.site_log.rows, personal, fed,
                                                   topology, per_site)}
         log.write_summary(summary)
-        from experiments.plots import write_federated_plots
+        from experiments.plots import write_federated_plots  # matplotlib: only now
 
-        write_federated_plots(run_dir, log.rows, personal)
-        echo(f"{cfg.name}: {headline(result)} after {loop.step} rounds "
-             f"({loop.elapsed_s:.0f} s)")
+        write_federated_plots(cfg.run_dir, log.rows, personal)
+        echo(f"{cfg.name}: {headline(result)} after {loop.step} rounds ({loop.elapsed_s:.0f} s)")
         return summary
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
-        if federation is not None:
-            federation.release()
+        if cloud is not None:
+            cloud.federation.release()
         if started:
-            from cluster.connect import shutdown
-
             shutdown()
 
 
-def _one_round(fed: FederatedConfig, federation: Federation, outer: OuterOptimizer,
-               aggregator: Aggregator, round_idx: int, devices: Mapping[str, int], seed: int,
-               param_bytes: int) -> tuple[dict[str, Any], RoundOutcome]:
+def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Mapping[str, int],
+                  resume: bool, echo: Printer) -> RunLoop:
+    """The rounds, resumed from the latest checkpoint; returns the loop (where it stopped)."""
+    fed, rounds = federated_section(cfg), cfg.train.steps
+    with RunLoop(cfg.run_dir, unit="round", total=rounds, echo=echo,
+                 checkpoint_every=cfg.train.checkpoint_every,
+                 time_budget_s=cfg.train.time_budget_s,
+                 stop_after=fed.stop_after_rounds) as loop:
+        state = loop.resume(cloud.outer) if resume else None
+        if state is not None:
+            cloud.restore(state, loop.step)
+            log.truncate_to(loop.step, key="round")
+
+        def checkpoint() -> None:
+            save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
+            log.flush()
+            cloud.site_log.flush()
+
+        for round_idx in loop.steps(save=checkpoint):
+            t0 = time.perf_counter()
+            row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed)
+            cloud.missed = cloud.missed + 1 if row["skipped"] else 0
+            row["time_s"] = loop.count(time.perf_counter() - t0)
+            cloud.site_log.extend({"round": round_idx, **s} for s in outcome.sites)
+            if cfg.train.eval_every and round_idx % cfg.train.eval_every == 0:
+                result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.train.eval_episodes,
+                                            cloud.topology)
+                row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
+                echo(f"  round {round_idx}: meta-test {headline(result)}")
+            log.append(row)
+            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
+            if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
+                echo(round_line(row, rounds, trouble))
+            if cloud.missed >= fed.max_missed_rounds:
+                checkpoint()
+                raise RuntimeError(f"{cloud.missed} rounds in a row below quorum {fed.quorum}; "
+                                   f"last errors: {trouble}")
+    return loop
+
+
+def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapping[str, int],
+               seed: int) -> tuple[dict[str, Any], RoundOutcome]:
     """One round: participants, parameters out, replies in, aggregate, outer step; its row."""
     t0 = time.perf_counter()
     participants = choose_participants(list(devices), devices, fed, seed, round_idx)
-    params_ref = broadcast(outer.flat_params().to(torch.float32).numpy(), len(participants))
+    params_ref = broadcast(cloud.outer.flat_params().to(torch.float32).numpy(),
+                           len(participants))
     t_sent = time.perf_counter()
-    outcome = federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
+    outcome = cloud.federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
     t_back = t_aggregated = time.perf_counter()
     skipped = len(outcome.updates) < fed.quorum
     if not skipped:
-        aggregated = aggregator.aggregate(outcome.updates)
+        aggregated = cloud.aggregator.aggregate(outcome.updates)
         t_aggregated = time.perf_counter()
-        outer.step_flat(aggregated, outcome.updates[0].kind)
+        cloud.outer.step_flat(aggregated, outcome.updates[0].kind)
     t_end = time.perf_counter()
-    row = round_row(round_idx, outcome, param_bytes, list(devices), wall_s=t_end - t0)
+    row = round_row(round_idx, outcome, cloud.param_bytes, list(devices), wall_s=t_end - t0)
     row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
                outer_step_s=t_end - t_aggregated, skipped=skipped)
     return row, outcome
+
+
+@dataclass
+class Cloud:
+    """What the cloud holds during a run: the meta-parameters and their optimizer, the
+    aggregation rule, the handle on the sites, the per-site table, and the count of rounds in
+    a row below quorum. :meth:`state` is exactly what a checkpoint keeps of it."""
+
+    outer: OuterOptimizer
+    aggregator: Aggregator
+    federation: Federation
+    topology: Topology
+    site_log: RowTable
+    param_bytes: int
+    missed: int = 0
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
+              per_site: int, echo: Printer) -> Cloud:
+        """Initial meta-parameters, the sites' partitions, and one started actor per site."""
+        fed = federated_section(cfg)
+        torch.manual_seed(cfg.seed)
+        outer = OuterOptimizer(algorithm_from_config(cfg.to_dict()).init_params(),
+                               lr=cfg.train.outer_lr, kind=cfg.train.outer_optimizer)
+        try:
+            plans = plan_partitions(cfg.to_dict()["data"], topology, cfg.seed,
+                                    fed.holdout_fraction)
+        except SitePlanError as err:
+            raise ConfigError(str(err)) from None
+        federation = Federation.start(site_jobs(cfg, topology, plans, devices, per_site),
+                                      {s.name: s.actor_cpus for s in topology.sites},
+                                      outer.layout, echo)
+        return cls(outer, fed.aggregator.build(), federation, topology,
+                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params))
+
+    def state(self) -> dict[str, Any]:
+        return {"outer": self.outer.state_dict(), "params": self.outer.params,
+                "aggregator": self.aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
+                "missed": self.missed, "sites": self.federation.sampler_states()}
+
+    def restore(self, state: Mapping[str, Any], round_idx: int) -> None:
+        """The rest of a checkpoint (the loop restored the parameters and optimizer)."""
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.missed = int(state["missed"])
+        self.federation.load_sampler_states(state["sites"])
+        self.site_log.truncate_to(round_idx, key="round")
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -280,8 +309,6 @@ def connect_cluster(address: str | None, topology: Topology) -> bool:
     """
     if ray.is_initialized():
         return False
-    from cluster.connect import connect
-
     if address or os.environ.get("RAY_ADDRESS"):
         connect(address, topology)
     else:
