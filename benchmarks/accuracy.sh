@@ -26,4 +26,4 @@ run omniglot_fomaml_5w1s 480 --set "algorithm.options={strategy: grouped}"
 run omniglot_maml_5w5s 480 --set "algorithm.options={strategy: grouped}"
 run omniglot_fomaml_5w5s 300 --set "algorithm.options={strategy: grouped}"
 run omniglot_protonet_5w5s 300 --set train.eval_every=100
-.venv/bin/python benchmarks/accuracy_table.py "$out"
+.venv/bin/python -m benchmarks.accuracy_table "$out"

@@ -1,6 +1,6 @@
 """Summarise accuracy runs: the final meta-test result and the curve against time and steps.
 
-Usage: python benchmarks/accuracy_table.py RUNS_ROOT  (the output_dir of benchmarks/accuracy.sh)
+Usage: python -m benchmarks.accuracy_table RUNS_ROOT  (the output_dir of benchmarks/accuracy.sh)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What reading a predict request's inputs costs a server: JSON numbers against packed float32.
 
-    .venv/bin/python benchmarks/bench_decode.py [--reps 300]
+    .venv/bin/python -m benchmarks.bench_decode [--reps 300]
 
 For 1, 8 and 32 Omniglot images a request, times the server-side path from the request body
 (bytes) to the input tensor, as the application runs it: ``json.loads`` (FastAPI's parser),

@@ -1,6 +1,6 @@
 """Batched predictions for a server: G single-request groups through one model, three ways.
 
-    .venv/bin/python benchmarks/bench_group_forward.py [--threads 1] [--reps 30] [--images 1]
+    .venv/bin/python -m benchmarks.bench_group_forward [--threads 1] [--reps 30] [--images 1]
 
 Rows: a loop of ``algorithm.predict`` (what a server without batching does), the same under
 ``torch.func.vmap`` (what ``predict_many`` did before), and

@@ -1,6 +1,6 @@
 """Second-order MAML meta-training throughput, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_maml.py [--quick] [--threads 2] [--reps N] [--tune-malloc]
+    .venv/bin/python -m benchmarks.bench_maml [--quick] [--threads 2] [--reps N] [--tune-malloc]
 
 Rows per workload (Omniglot 5-way 1-shot, 15 queries, meta-batch 32, the MAML paper's strided
 conv net; sinusoid K=10, meta-batch 25, the 1-40-40-1 MLP; random inputs — only shapes matter):

@@ -1,8 +1,9 @@
 """Round overhead and orchestration at scale: edgemeta beside Flower, same machine, same shapes.
 
 Flower runs in its own virtualenv (``.venv-flwr``, made by ``benchmarks/peers/flower_setup.sh``;
-it pins its own ray) as a subprocess of ``benchmarks/peers/flower_rounds.py``, which prints one
-JSON line per result. The edgemeta side runs here, in the project venv (:func:`run_edgemeta`).
+it pins its own ray) as a subprocess, ``-m benchmarks.peers.flower_rounds`` from the repository
+root, which prints one JSON line per result. The edgemeta side runs here, in the project venv
+(:func:`run_edgemeta`).
 
 Two benchmarks, both with round 1 (cluster and actor start-up) excluded:
 
@@ -14,8 +15,8 @@ Two benchmarks, both with round 1 (cluster and actor start-up) excluded:
 
 Usage (from the repo root)::
 
-    .venv/bin/python benchmarks/bench_round_overhead.py --only flower
-    .venv/bin/python benchmarks/bench_round_overhead.py            # both, with ratios
+    .venv/bin/python -m benchmarks.bench_round_overhead --only flower
+    .venv/bin/python -m benchmarks.bench_round_overhead            # both, with ratios
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_flower(mode: str, *, clients: int, rounds: int, work_s: float | None = N
     where to look.
     """
     ensure_flower_venv()
-    cmd = [str(FLWR_PY), str(PEERS / "flower_rounds.py"), "--mode", mode,
+    cmd = [str(FLWR_PY), "-m", "benchmarks.peers.flower_rounds", "--mode", mode,
            "--clients", str(clients), "--rounds", str(rounds), *extra]
     if work_s is not None:
         cmd += ["--work-s", str(work_s)]
@@ -130,9 +131,7 @@ def run_edgemeta(mode: str, *, clients: int, rounds: int, work_s: float = 0.0,
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import pandas as pd
 
-    sys.path.insert(0, str(PEERS))
-    from procmem import PeakMemSampler
-
+    from benchmarks.peers.procmem import PeakMemSampler
     from experiments.config import ExperimentConfig
     from experiments.federated import train_federated
 
@@ -221,18 +220,19 @@ def _cluster(kind: str, topology: dict[str, Any],
         yield None, None
         return
     from cluster import auth, local, procs
+    from cluster.ports import first_free_port
     from cluster.topology import Topology
 
     nodes = {"num_cpus": 1, "memory_gb": 0.5, "object_store_gb": 0.2}
     topo = Topology.model_validate({
         "cloud": {**nodes, "memory_gb": 1.0},
         "sites": [{**site, **nodes} for site in topology["sites"]],
-        "head_port": local.first_free_port(6390, 6420),
-        "dashboard_port": local.first_free_port(8270, 8300)})
+        "head_port": first_free_port(6390, 6420),
+        "dashboard_port": first_free_port(8270, 8300)})
     state = out_dir / "cluster-state"
     info = local.up(topo, state)
     saved = auth.apply_to_process(auth.token_env(info.token_path))
-    sessions = [n.session for n in info.nodes.values()]
+    sessions = info.sessions()
     try:
         yield info.address, lambda: procs.session_pids(procs.process_table(), sessions)
     finally:
@@ -327,7 +327,8 @@ def run_edgemeta_isolated(mode: str, timeout_s: float = 1800, **kw: Any) -> dict
     job = json.dumps({"mode": mode, **{k: str(v) if isinstance(v, Path) else v
                                        for k, v in kw.items()}})
     try:
-        proc = subprocess.run([sys.executable, __file__, "--edgemeta-job", job], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_round_overhead",
+                               "--edgemeta-job", job], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True, check=False,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """How fast the Omniglot episode sampler is, and what share of a MAML step it would take.
 
-Run: ``.venv/bin/python benchmarks/bench_sampler.py`` (finds the data like the library does:
+Run: ``.venv/bin/python -m benchmarks.bench_sampler`` (finds the data like the library does:
 ``--data``, ``$EDGEMETA_DATA_DIR`` or the user cache). Timings are the median of several
 repeats after a warm-up, so a busy machine shows up as spread rather than a skewed mean.
 """

@@ -1,9 +1,9 @@
 """Predict throughput, interleaved: bare server, edgemeta on Serve, and the Serve floor.
 
-    .venv/bin/python benchmarks/bench_serve_interleaved.py [--rounds 4] [--images 1]
+    .venv/bin/python -m benchmarks.bench_serve_interleaved [--rounds 4] [--images 1]
         [--channels 64] [--seconds 6] [--packed]
 
-On a shared VM the speed of the machine drifts within minutes (``bench_serve.py`` saw its bare
+On a shared VM the speed of the machine drifts within minutes (``bench_serve`` saw its bare
 server's throughput halve between the start and the end of one run), so one measurement a
 server says little. Here every round measures all three servers, one after the other, each
 for a few seconds (the order rotates from round to round); each ratio is taken against the
@@ -32,10 +32,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_serve  # the benchmark's client, run folder and floor app (after the path set-up)
+from benchmarks.serving_rig import (
+    bare_servers,
+    image,
+    make_run,
+    measure_load,
+    predict_body,
+    serve_floor_app,
+)
 
 SERVERS = ("bare", "edgemeta", "floor")
 
@@ -51,9 +55,9 @@ def replica_pid(mark: str) -> int:
 def measure(port: int, prefix: str, args: argparse.Namespace, pid: int) -> dict[str, float]:
     """Throughput at ``--concurrency`` and the server process's CPU a request."""
     path = f"{prefix}/v1/models/latest/predict"
-    payload = bench_serve.predict_body([bench_serve.image(k) for k in range(args.images)],
-                                       args.packed)
-    load = bench_serve.measure_load(port, path, payload, args, {pid})
+    payload = predict_body([image(k) for k in range(args.images)], args.packed)
+    load = measure_load(port, path, payload, concurrency=args.concurrency, seconds=args.seconds,
+                        warmup_s=args.warmup_s, server_pids={pid})
     bad = {c: n for c, n in load["codes"].items() if c != 200}
     if bad:
         raise RuntimeError(f"{prefix or '/'}: non-200 answers under load: {bad}")
@@ -63,7 +67,7 @@ def measure(port: int, prefix: str, args: argparse.Namespace, pid: int) -> dict[
 
 def bare_round(run_dir: Path, args: argparse.Namespace) -> dict[str, float]:
     """The bare server alone on the machine (no Ray process alive), measured once."""
-    with bench_serve.bare_servers(run_dir, args.port + 1) as pids:
+    with bare_servers(run_dir, args.port + 1) as pids:
         return measure(args.port + 1, "", args, pids.pop())
 
 
@@ -79,7 +83,7 @@ def serve_round(run_dir: Path, args: argparse.Namespace, floor_first: bool
                    port=args.port, ingress="haproxy", num_cpus=3,
                    ray_init={"log_to_driver": False})
     try:
-        serve.run(bench_serve.serve_floor_app(str(run_dir)), name="floor",
+        serve.run(serve_floor_app(str(run_dir)), name="floor",
                   route_prefix="/floor")
         where = {"edgemeta": ("", replica_pid("ServeReplica:edgemeta:")),
                  "floor": ("/floor", replica_pid("ServeReplica:floor:"))}
@@ -105,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.images < 1:
         p.error("--rounds and --images must be >= 1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    run_dir = bench_serve.make_run(Path(tempfile.mkdtemp(prefix="bench-serve-il-")),
-                                   args.channels)
+    run_dir = make_run(Path(tempfile.mkdtemp(prefix="bench-serve-il-")), args.channels)
     rows: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
         # The order rotates: bare before Serve in even rounds, after it in odd ones; the

@@ -1,6 +1,6 @@
 """Meta-test accuracy against training steps and time, from a run folder's saved checkpoints.
 
-    .venv/bin/python benchmarks/checkpoint_curve.py RUN_DIR [--episodes 600] [--every 1000]
+    .venv/bin/python -m benchmarks.checkpoint_curve RUN_DIR [--episodes 600] [--every 1000]
         [--steps 1000,8000] [--set eval.steps=10]
 
 Training's own intermediate evaluations use few episodes (``train.eval_episodes``); this

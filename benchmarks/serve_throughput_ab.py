@@ -1,6 +1,6 @@
 """Throughput of one Serve replica under one replica setting, optionally under a profiler.
 
-    .venv/bin/python benchmarks/serve_throughput_ab.py [--access-log] [--torch-inline]
+    .venv/bin/python -m benchmarks.serve_throughput_ab [--access-log] [--torch-inline]
         [--separate-loop] [--disconnect-disabled] [--profile OUT.txt]
 
 Starts edgemeta's Serve app (HAProxy ingress) on the benchmark's run folder, warms it up for
@@ -20,10 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_serve  # the benchmark's client and run folder (after the path set-up)
+from benchmarks.http_load import throughput
+from benchmarks.serving_rig import cpu_by_role, image, make_run
 
 PATH = "/v1/models/latest/predict"
 
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1" if args.separate_loop else "0"
     from serve.launch import start
 
-    run_dir = bench_serve.make_run(Path(tempfile.mkdtemp(prefix="serve-ab-")), 64)
+    run_dir = make_run(Path(tempfile.mkdtemp(prefix="serve-ab-")), 64)
     served = start({"run_dirs": [str(run_dir)], "num_cpus": 1, "max_ongoing_requests": 64,
                     "batch_max_size": 32, "access_log": args.access_log,
                     "compute_in_thread": not args.torch_inline,
@@ -53,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                    port=args.port, ingress="haproxy", num_cpus=2,
                    ray_init={"log_to_driver": False})
     try:
-        payload = {"inputs": [bench_serve.image(1)]}
+        payload = {"inputs": [image(1)]}
         headers = {"x-request-disconnect-disabled": "?1"} if args.disconnect_disabled else None
-        bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 2.0, headers)
+        throughput("127.0.0.1", args.port, PATH, payload, 32, 2.0, headers)
         profiler = None
         if args.profile:
             pid = subprocess.run(["pgrep", "-f", "ServeReplica:edgemeta"], capture_output=True,
@@ -64,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-p", pid, "-d", "6",
                  "-r", "200", "-f", "raw", "-o", str(args.profile), "--threads",
                  "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cpu0 = bench_serve.cpu_by_role()
-        rps, codes = bench_serve.throughput("127.0.0.1", args.port, PATH, payload, 32, 8.0,
-                                            headers)
-        cpu1 = bench_serve.cpu_by_role()
+        cpu0 = cpu_by_role()
+        rps, codes = throughput("127.0.0.1", args.port, PATH, payload, 32, 8.0, headers)
+        cpu1 = cpu_by_role()
         if profiler is not None:
             profiler.wait()
         done = max(1, sum(codes.values()))

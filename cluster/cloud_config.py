@@ -66,10 +66,10 @@ def site_node_types(cfg: dict[str, Any]) -> dict[str, str]:
         raise TopologyError(f"head node type {head!r} must declare the {CLOUD_RESOURCE!r} "
                             f"resource")
     sites: dict[str, str] = {}
-    for name, spec in types.items():
+    for name, node_type in types.items():
         if name == head:
             continue
-        edge = [r for r in (spec.get("resources") or {}) if r.startswith("edge:")]
+        edge = [r for r in (node_type.get("resources") or {}) if r.startswith("edge:")]
         if len(edge) != 1:
             raise TopologyError(f"worker node type {name!r} must declare exactly one edge:<site> "
                                 f"resource, found {edge}")
@@ -92,13 +92,13 @@ def fake_cluster_config(cfg: dict[str, Any], *, gcs_address: str | None = None) 
                          "node_config": {}, "max_workers": 0},
     }
     for name in site_node_types(cfg):
-        spec = types[name]
+        node_type = types[name]
         node_types[name] = {
             "resources": {"CPU": FAKE_NODE_CPUS, "object_store_memory": FAKE_NODE_OBJECT_STORE,
-                          **spec.get("resources", {})},
+                          **node_type.get("resources", {})},
             "node_config": {},
-            "min_workers": spec.get("min_workers", 0),
-            "max_workers": spec.get("max_workers", spec.get("min_workers", 0)),
+            "min_workers": node_type.get("min_workers", 0),
+            "max_workers": node_type.get("max_workers", node_type.get("min_workers", 0)),
         }
     provider: dict[str, Any] = {"type": "fake_multinode", "use_node_id_as_ip": True,
                                 "disable_node_updaters": True,
@@ -129,8 +129,8 @@ def topology_from_cluster_config(cfg: dict[str, Any], *, head_port: int = 6379,
                                  dashboard_port: int = 8265) -> Topology:
     """The topology of ``cfg``'s sites, with nodes sized like the fake provider's raylets."""
     gib = 2**30
-    spec = {"num_cpus": FAKE_NODE_CPUS, "object_store_gb": FAKE_NODE_OBJECT_STORE / gib}
-    return Topology(sites=[Site(name=s, **spec) for s in site_node_types(cfg).values()],
+    size = {"num_cpus": FAKE_NODE_CPUS, "object_store_gb": FAKE_NODE_OBJECT_STORE / gib}
+    return Topology(sites=[Site(name=s, **size) for s in site_node_types(cfg).values()],
                     head_port=head_port, dashboard_port=dashboard_port)
 
 

@@ -21,25 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from cluster import auth
+from cluster.settings import RAY_SYSTEM_CONFIG
+from cluster.state import address_matches, read_running_state
 from cluster.topology import CLOUD_RESOURCE, Topology, site_resource
 
 _saved_env: dict[str, str | None] | None = None
-
-#: Ray settings that every edgemeta cluster starts with: the embedded one here, the local
-#: launcher's head (``--system-config``) and ``cluster.yaml``'s head. Why: a site's update is
-#: parameter-sized (450 KB for the Omniglot conv net), over Ray's 100 KB default for returning
-#: a value inside the call's reply; inline, it skips a put into the site node's object store
-#: and the driver's pull from it, a few ms of a 4-site round here (docs/BENCHMARKS.md).
-#: Read-only: ``ray.init`` adds its session's spilling settings to the dict it is given, so
-#: each use passes a copy.
-RAY_SYSTEM_CONFIG: Mapping[str, int] = MappingProxyType(
-    {"max_direct_call_object_size": 2 * 1024 * 1024})
 
 
 class SiteNodesError(RuntimeError):
@@ -188,19 +178,17 @@ def _embedded_auth(token_path: str | Path | None) -> dict[str, str | None]:
 def _join_auth(address: str, token_path: str | Path | None,
                state_dir: str | Path | None) -> tuple[str, dict[str, str | None]]:
     """The address to pass to Ray and the auth environment to join it with."""
-    from cluster import local
-
-    state = local.read_state_quietly(state_dir)
-    if address == "auto" and state is not None:
-        address = state["address"]
+    running = read_running_state(state_dir)
+    if address == "auto" and running is not None:
+        address = running.address
     if token_path is not None:
         return address, auth.token_env(token_path)
     if os.environ.get(auth.AUTH_MODE_ENV) is not None:
         return address, {}
     if os.environ.get(auth.TOKEN_ENV) or os.environ.get(auth.TOKEN_PATH_ENV):
         return address, {auth.AUTH_MODE_ENV: "token"}
-    if state is not None and local.address_matches(state, address):
-        return address, auth.token_env(state["token_path"])
+    if running is not None and address_matches(running, address):
+        return address, auth.token_env(running.token_path)
     return address, auth.disabled_env()
 
 

@@ -1,9 +1,14 @@
-"""The processes of one Ray node, found and stopped without touching anyone else's (Linux).
+"""Everything edgemeta reads from ``/proc``: the process table, and a process's memory (Linux).
 
-``ray stop`` matches processes by name on the whole host; these helpers work from what the
-local launcher recorded instead: the session id of each node's ``ray start`` (every Ray process
-of that node inherits it), the descendants of those processes (``ray job`` drivers open sessions
-of their own), and processes whose command line names the node's temp dir.
+The local launcher finds and stops exactly the processes of one Ray node with it, without
+touching anyone else's: ``ray stop`` matches processes by name on the whole host, while these
+helpers work from what the launcher recorded, the session id of each node's ``ray start``
+(every Ray process of that node inherits it), the descendants of those processes (``ray job``
+drivers open sessions of their own), and processes whose command line names the node's temp
+dir. The benchmarks use the same table for CPU time by process and for peak memory.
+
+Standard library only, and nothing else of edgemeta: Flower's virtualenv imports it too (through
+``benchmarks/peers/procmem.py``), so the peer's memory is read by the same code as ours.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
 
 @dataclass(frozen=True)
 class Proc:
@@ -24,7 +32,8 @@ class Proc:
     sid: int
     state: str  # R, S, D, Z (zombie), X (dead), ...
     comm: str
-    cmdline: str
+    cmdline: str  # arguments joined by spaces; "" for kernel threads
+    cpu_s: float  # user + system CPU seconds used so far
 
     @property
     def live(self) -> bool:
@@ -43,12 +52,30 @@ def process_table() -> dict[int, Proc]:
                 errors="replace")
         except OSError:
             continue
-        # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
+        # "pid (comm) state ppid pgrp session ... utime stime ...": comm may hold spaces and
+        # parentheses, so fields are counted from the last ")"; utime and stime are stat's
+        # 14th and 15th fields, 12th and 13th after comm.
         comm = stat_text[stat_text.index("(") + 1:stat_text.rindex(")")]
         fields = stat_text[stat_text.rindex(")") + 2:].split()
         pid = int(entry.name)
-        table[pid] = Proc(pid, int(fields[1]), int(fields[3]), fields[0], comm, cmdline)
+        table[pid] = Proc(pid, int(fields[1]), int(fields[3]), fields[0], comm, cmdline.strip(),
+                          (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return table
+
+
+def descendants(table: Mapping[int, Proc], roots: Iterable[int]) -> set[int]:
+    """``roots`` and every process below them in ``table``."""
+    children: dict[int, list[int]] = {}
+    for p in table.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return found
 
 
 def session_pids(table: Mapping[int, Proc], sessions: Iterable[int]) -> list[int]:
@@ -60,19 +87,32 @@ def session_pids(table: Mapping[int, Proc], sessions: Iterable[int]) -> list[int
 def owned_pids(table: Mapping[int, Proc], sessions: Iterable[int], marker: str) -> list[int]:
     """Live processes of ``sessions``, those whose command line contains ``marker``, and all
     their descendants; never this process."""
-    pids = set(session_pids(table, sessions))
-    pids |= {p.pid for p in table.values() if marker and marker in p.cmdline and p.live}
-    children: dict[int, list[int]] = {}
-    for p in table.values():
-        children.setdefault(p.ppid, []).append(p.pid)
-    stack = list(pids)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in pids and table[child].live:
-                pids.add(child)
-                stack.append(child)
+    roots = set(session_pids(table, sessions))
+    roots |= {p.pid for p in table.values() if marker and marker in p.cmdline and p.live}
+    pids = {p for p in descendants(table, roots) if p in table and table[p].live}
     pids.discard(os.getpid())
     return sorted(pids)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size from /proc/PID/statm (0 if the process is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_bytes().split()[1]) * PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup (0 if unreadable): shared pages split
+    between their users, so it sums over processes to what a group really holds."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def send(pids: Iterable[int], sig: int) -> None:

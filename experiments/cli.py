@@ -68,7 +68,7 @@ def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        from cluster.local import ClusterError
+        from cluster.state import ClusterError
         from cluster.topology import TopologyError
 
         try:
@@ -81,7 +81,7 @@ def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 
 def _cluster_state_dir(args: argparse.Namespace) -> Path:
-    from cluster.local import default_state_dir
+    from cluster.state import default_state_dir
 
     return Path(args.state_dir) if args.state_dir else default_state_dir()
 
@@ -112,7 +112,8 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
 
 @_cluster_errors
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    from cluster.local import read_state, status
+    from cluster.local import status
+    from cluster.state import read_state
 
     info = read_state(_cluster_state_dir(args))
     print(f"cluster {info.address}  dashboard {info.dashboard_url}  state {info.state_dir}")

@@ -15,6 +15,9 @@ from helpers import train_tiny_run
 
 from cluster import auth, local, procs
 from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
+from cluster.ports import first_free_port
+from cluster.settings import FAST_HEALTH_CHECK_ENV
+from cluster.state import HEAD, STATE_FILE, ClusterError, ClusterInfo, read_state
 from cluster.topology import Topology, TopologyError, uniform_topology
 from experiments.cli import main as cli_main
 
@@ -24,8 +27,8 @@ pytestmark = pytest.mark.slow
 def _topology() -> Topology:
     topo = uniform_topology(2, memory_gb=0.5, object_store_gb=0.1)
     return topo.model_copy(update={
-        "head_port": local.first_free_port(6390, 6420),
-        "dashboard_port": local.first_free_port(8270, 8300),
+        "head_port": first_free_port(6390, 6420),
+        "dashboard_port": first_free_port(8270, 8300),
         "cloud": topo.cloud.model_copy(update={"memory_gb": 1.0, "object_store_gb": 0.2}),
     })
 
@@ -34,24 +37,24 @@ def _topology() -> Topology:
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("cluster") / "state"
     t0 = time.monotonic()
-    info = local.up(_topology(), state, env=local.FAST_HEALTH_CHECK_ENV)
+    info = local.up(_topology(), state, env=FAST_HEALTH_CHECK_ENV)
     print(f"\ncluster up in {time.monotonic() - t0:.1f} s")
     yield info
-    if (state / local.STATE_FILE).exists():
+    if (state / STATE_FILE).exists():
         local.down(state, grace_s=5)
 
 
-def test_state_file_and_token(cluster: local.ClusterInfo) -> None:
+def test_state_file_and_token(cluster: ClusterInfo) -> None:
     token = Path(cluster.token_path)
     assert token.parent == Path(cluster.state_dir)
     assert token.stat().st_mode & 0o777 == 0o600
     assert len(auth.read_token(token)) == 64
-    saved = local.read_state(cluster.state_dir)
+    saved = read_state(cluster.state_dir)
     assert saved.address == cluster.address and set(saved.nodes) == {"cloud", "site-0", "site-1"}
     assert all(n.session > 0 and n.node_id for n in saved.nodes.values())
 
 
-def test_status_lists_nodes_with_their_resources(cluster: local.ClusterInfo) -> None:
+def test_status_lists_nodes_with_their_resources(cluster: ClusterInfo) -> None:
     rows = {r["name"]: r for r in local.status(cluster.state_dir)}
     assert set(rows) == {"cloud", "site-0", "site-1"}
     assert all(r["alive"] and r["processes"] > 0 for r in rows.values())
@@ -63,13 +66,13 @@ def test_status_lists_nodes_with_their_resources(cluster: local.ClusterInfo) -> 
         assert not any(k.startswith("edge:") and k != f"edge:{site}" for k in res)
 
 
-def test_cli_status(cluster: local.ClusterInfo, capsys: pytest.CaptureFixture) -> None:
+def test_cli_status(cluster: ClusterInfo, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["cluster", "status", "--state-dir", cluster.state_dir]) == 0
     out = capsys.readouterr().out
     assert "site-1" in out and "edge:site-1=1000" in out and "cloud=1000" in out
 
 
-def test_dashboard_requires_the_token(cluster: local.ClusterInfo) -> None:
+def test_dashboard_requires_the_token(cluster: ClusterInfo) -> None:
     import urllib.error
     import urllib.request
 
@@ -78,7 +81,7 @@ def test_dashboard_requires_the_token(cluster: local.ClusterInfo) -> None:
     assert err.value.code in (401, 403)
 
 
-def test_pinned_actor_runs_on_its_site(cluster: local.ClusterInfo) -> None:
+def test_pinned_actor_runs_on_its_site(cluster: ClusterInfo) -> None:
     import ray
 
     info = connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
@@ -97,7 +100,7 @@ def test_pinned_actor_runs_on_its_site(cluster: local.ClusterInfo) -> None:
     assert os.environ.get(auth.TOKEN_PATH_ENV) != cluster.token_path  # environment restored
 
 
-def test_site_pinned_replica_serves_from_the_sites_node(cluster: local.ClusterInfo,
+def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo,
                                                         tmp_path: Path) -> None:
     """``site: site-1`` places the Serve replica on site-1's raylet, not on the head where
     the request enters, and the response headers say where it was served."""
@@ -109,7 +112,7 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: local.ClusterIn
     connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
     try:
         handle = start({"run_dirs": [str(run)], "site": "site-1"}, ingress="proxy",
-                       port=local.first_free_port(8470, 8500))
+                       port=first_free_port(8470, 8500))
         try:
             with httpx.Client(base_url=handle.url, timeout=60) as http:
                 health = http.get("/healthz")
@@ -119,7 +122,7 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: local.ClusterIn
             handle.stop()
     finally:
         shutdown()
-    site_node, head_node = cluster.nodes["site-1"].node_id, cluster.nodes[local.HEAD].node_id
+    site_node, head_node = cluster.nodes["site-1"].node_id, cluster.nodes[HEAD].node_id
     assert health.status_code == 200 and health.headers["x-edgemeta-site"] == "site-1"
     assert health.headers["x-edgemeta-node"] == site_node != head_node
     assert answer.status_code == 200, answer.text
@@ -127,7 +130,7 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: local.ClusterIn
     assert len(answer.json()["values"]) == 2
 
 
-def test_job_submit_with_token(cluster: local.ClusterInfo, tmp_path: Path) -> None:
+def test_job_submit_with_token(cluster: ClusterInfo, tmp_path: Path) -> None:
     """A job with a working dir: its driver sees every site, and actors on the sites (whose
     raylets unpack the working dir into their own temp dirs) run in it."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -161,9 +164,9 @@ def test_job_submit_with_token(cluster: local.ClusterInfo, tmp_path: Path) -> No
         JobSubmissionClient(cluster.dashboard_url).list_jobs()  # no token: refused
 
 
-def test_kill_and_restart_a_site(cluster: local.ClusterInfo) -> None:
+def test_kill_and_restart_a_site(cluster: ClusterInfo) -> None:
     state = cluster.state_dir
-    old_id = local.read_state(state).nodes["site-1"].node_id
+    old_id = read_state(state).nodes["site-1"].node_id
     assert local.kill_site(state, "site-1") > 0
     rows = {r["name"]: r for r in local.status(state)}
     assert rows["site-1"]["processes"] == 0
@@ -179,10 +182,10 @@ def test_kill_and_restart_a_site(cluster: local.ClusterInfo) -> None:
     finally:
         shutdown()
 
-    with pytest.raises(local.ClusterError, match="still has running processes"):
+    with pytest.raises(ClusterError, match="still has running processes"):
         local.start_site(state, "site-0")
-    local.start_site(state, "site-1", env=local.FAST_HEALTH_CHECK_ENV)
-    new_id = local.read_state(state).nodes["site-1"].node_id
+    local.start_site(state, "site-1", env=FAST_HEALTH_CHECK_ENV)
+    new_id = read_state(state).nodes["site-1"].node_id
     assert new_id and new_id != old_id
     info = connect(cluster.address, topo, state_dir=state)
     try:
@@ -191,12 +194,12 @@ def test_kill_and_restart_a_site(cluster: local.ClusterInfo) -> None:
         shutdown()
 
 
-def test_second_up_is_refused(cluster: local.ClusterInfo, tmp_path: Path) -> None:
-    with pytest.raises(local.ClusterError, match="already up"):
+def test_second_up_is_refused(cluster: ClusterInfo, tmp_path: Path) -> None:
+    with pytest.raises(ClusterError, match="already up"):
         local.up(cluster.topo, cluster.state_dir)
-    with pytest.raises(local.ClusterError, match=f"port {cluster.topo.head_port}"):
+    with pytest.raises(ClusterError, match=f"port {cluster.topo.head_port}"):
         local.up(cluster.topo, tmp_path / "other")
-    assert not (tmp_path / "other" / local.STATE_FILE).exists()
+    assert not (tmp_path / "other" / STATE_FILE).exists()
 
 
 def test_cli_reports_bad_topology(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -233,10 +236,10 @@ def test_embedded_connect_uses_an_in_memory_token() -> None:
                 os.environ[k] = v
 
 
-def test_down_stops_every_process(cluster: local.ClusterInfo) -> None:
+def test_down_stops_every_process(cluster: ClusterInfo) -> None:
     # sessions of the original nodes and of site-1 as restarted above
     sessions = {n.session for n in cluster.nodes.values()} | {
-        n.session for n in local.read_state(cluster.state_dir).nodes.values()}
+        n.session for n in read_state(cluster.state_dir).nodes.values()}
     t0 = time.monotonic()
     assert local.down(cluster.state_dir) > 0
     print(f"down in {time.monotonic() - t0:.1f} s")
@@ -250,6 +253,6 @@ def test_down_stops_every_process(cluster: local.ClusterInfo) -> None:
         time.sleep(0.5)
     assert not left, [(p.pid, p.comm) for p in left]
     assert not Path(cluster.temp_root).exists()
-    assert not (Path(cluster.state_dir) / local.STATE_FILE).exists()
-    with pytest.raises(local.ClusterError, match="no local cluster"):
+    assert not (Path(cluster.state_dir) / STATE_FILE).exists()
+    with pytest.raises(ClusterError, match="no local cluster"):
         local.status(cluster.state_dir)

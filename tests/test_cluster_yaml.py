@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from cluster import cloud_config, local, procs
+from cluster.ports import first_free_port
+from cluster.state import ClusterInfo
 from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY, TopologyError, load_topology
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +122,8 @@ def test_fake_provider_launches_every_site(cfg: dict, tmp_path: Path) -> None:
     from cluster.connect import check_site_nodes, connect, shutdown
 
     topo = cloud_config.topology_from_cluster_config(
-        cfg, head_port=local.first_free_port(6395, 6420),
-        dashboard_port=local.first_free_port(8275, 8300))
+        cfg, head_port=first_free_port(6395, 6420),
+        dashboard_port=first_free_port(8275, 8300))
     state = tmp_path / "state"
     t0 = time.monotonic()
     info = local.up(topo, state, autoscaling_config=cloud_config.fake_cluster_config(cfg),
@@ -152,7 +154,7 @@ def test_fake_provider_launches_every_site(cfg: dict, tmp_path: Path) -> None:
     _assert_no_processes(info)
 
 
-def _assert_no_processes(info: local.ClusterInfo) -> None:
+def _assert_no_processes(info: ClusterInfo) -> None:
     deadline = time.monotonic() + 10
     while True:
         table = procs.process_table()
@@ -170,7 +172,7 @@ def test_head_starts_with_the_same_ray_system_config_as_local_clusters(cfg: dict
     import json
     import re
 
-    from cluster.connect import RAY_SYSTEM_CONFIG
+    from cluster.settings import RAY_SYSTEM_CONFIG
 
     head = " ".join(cfg["head_start_ray_commands"])
     found = re.search(r"--system-config='([^']*)'", head)

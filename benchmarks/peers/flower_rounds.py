@@ -1,8 +1,10 @@
 """Flower (flwr 1.4x Message API, Ray simulation backend) round-overhead and scale probe.
 
-Runs INSIDE ``.venv-flwr`` (see ``flower_setup.sh``) and imports nothing from edgemeta, so the
-peer is measured as its users would run it. Prints one JSON object per result on stdout; all
-logging (Flower's, Ray's) goes to stderr.
+Runs INSIDE ``.venv-flwr`` (see ``flower_setup.sh``), from the repository root, as
+``.venv-flwr/bin/python -m benchmarks.peers.flower_rounds``, and imports nothing from edgemeta
+but the standard-library ``/proc`` reader behind :mod:`benchmarks.peers.procmem`, so the peer is
+measured as its users would run it and its memory is read by the same code as edgemeta's.
+Prints one JSON object per result on stdout; all logging (Flower's, Ray's) goes to stderr.
 
 Modes:
 
@@ -50,11 +52,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
 
 # --------------------------------------------------------------------------- the model
 
@@ -224,7 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import flwr
     import ray
     from flwr.simulation import run_simulation
-    from procmem import PeakMemSampler
+
+    from benchmarks.peers.procmem import PeakMemSampler
 
     t_begin = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -351,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the copy imported as ``flower_rounds`` so that Ray workers import the ClientApp by
-    # name (as a deployed Flower app would) instead of unpickling this script's functions by
-    # value with every message.
-    import flower_rounds
+    # Run the copy imported as ``benchmarks.peers.flower_rounds`` so that Ray workers import the
+    # ClientApp by name (as a deployed Flower app would; Ray puts the driver's working directory,
+    # the repository root, on their path) instead of unpickling this module's functions by value
+    # with every message.
+    from benchmarks.peers import flower_rounds
 
     sys.exit(flower_rounds.main())

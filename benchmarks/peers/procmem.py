@@ -1,7 +1,9 @@
-"""Peak memory of a group of processes, sampled in a background thread from /proc.
+"""Peak memory of a group of processes, sampled in a background thread.
 
 Used by both benchmark sides (the project venv has no psutil, Flower's venv does), so it reads
-/proc directly and imports nothing outside the standard library. Linux only.
+``/proc`` through :mod:`cluster.procs`, which imports nothing outside the standard library: run
+from the repository root (``python -m benchmarks.peers...``), Flower's interpreter finds it
+there. Linux only.
 
 Two ways to choose the group, combinable:
 
@@ -22,100 +24,40 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cluster.procs import Proc, descendants, process_table, pss_bytes, rss_bytes
 
 RAY_PATTERNS: tuple[str, ...] = (
     "raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private", "default_worker.py",
     "log_monitor.py", "monitor.py", "dashboard_agent", "runtime_env", "plasma_store",
 )
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _children_map() -> dict[int, list[int]]:
-    """Parent pid -> child pids for every live process (one pass over /proc/*/stat)."""
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
-def descendants(root_pid: int) -> set[int]:
-    """``root_pid`` and every process below it."""
-    kids = _children_map()
-    found, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        todo.extend(kids.get(pid, ()))
-    return found
-
-
-def cmdline(pid: int) -> str:
-    """The process's command line with NULs as spaces ('' if it is gone or a kernel thread)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def matching(patterns: Iterable[str], must_contain: str | None = None) -> set[int]:
-    """Pids whose command line contains any pattern (and ``must_contain``, if given)."""
+def matching(table: Mapping[int, Proc], patterns: Iterable[str],
+             must_contain: str | None = None) -> set[int]:
+    """Pids whose command line contains any pattern (and ``must_contain``, if given); never
+    this process."""
     pats = tuple(patterns)
     me = os.getpid()
-    out: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        line = cmdline(int(name))
-        if line and any(p in line for p in pats) and (must_contain is None or must_contain in line):
-            out.add(int(name))
-    return out
+    return {p.pid for p in table.values()
+            if p.pid != me and p.cmdline and any(x in p.cmdline for x in pats)
+            and (must_contain is None or must_contain in p.cmdline)}
 
 
-def process_label(pid: int) -> str:
-    """A short name for a process: Ray's title (``ray::EdgeNode``, ``raylet``) or argv[0:2]."""
-    words = cmdline(pid).split()
+def process_label(proc: Proc | None, pid: int) -> str:
+    """A short name for a process: Ray's title (``ray::EdgeNode``, ``raylet``) or argv[0:2]
+    (argv[0:3] for ``python -m MODULE``)."""
+    words = proc.cmdline.split() if proc else []
     if not words:
         return f"pid {pid}"
     if words[0].startswith("ray::"):
         return words[0]
-    return " ".join(Path(w).name if "/" in w else w for w in words[:2])[:60]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size from /proc/PID/statm (0 if the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size from /proc/PID/smaps_rollup (0 if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    shown = 3 if words[1:2] == ["-m"] else 2
+    return " ".join(Path(w).name if "/" in w else w for w in words[:shown])[:60]
 
 
 @dataclass
@@ -140,25 +82,27 @@ class PeakMemSampler:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
-    def pids(self) -> set[int]:
-        """The group right now."""
+    def pids(self, table: Mapping[int, Proc] | None = None) -> set[int]:
+        """The group right now (in ``table``, a fresh process table by default)."""
+        table = process_table() if table is None else table
         group: set[int] = set()
         if self.root_pid is not None:
-            group |= descendants(self.root_pid)
+            group |= descendants(table, [self.root_pid])
         if self.patterns:
-            group |= matching(self.patterns, self.must_contain)
+            group |= matching(table, self.patterns, self.must_contain)
         if self.extra is not None:
             group |= set(self.extra())
         return group
 
     def sample(self) -> None:
         """Take one sample and update the peaks."""
-        group = self.pids()
+        table = process_table()
+        group = self.pids(table)
         rss = {p: rss_bytes(p) for p in group}
         if sum(rss.values()) > self.peak_rss:
             self.peak_rss = sum(rss.values())
             self.peak_breakdown = sorted(
-                ((process_label(p), round(b / 2**20, 1)) for p, b in rss.items()),
+                ((process_label(table.get(p), p), round(b / 2**20, 1)) for p, b in rss.items()),
                 key=lambda item: -item[1])
         if self.with_pss:
             self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in group))
@@ -199,7 +143,7 @@ class PeakMemSampler:
         }
 
 
-if __name__ == "__main__":  # quick look: python procmem.py PID  -> one sample of that tree
+if __name__ == "__main__":  # quick look: python -m benchmarks.peers.procmem PID -> one sample
     import json
     import sys
 
