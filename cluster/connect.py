@@ -19,6 +19,7 @@ Authentication (see :mod:`cluster.auth`) is decided here, never by what happens 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -107,6 +108,27 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
             shutdown()
             raise
     return info
+
+
+def join_or_start(address: str | None, topology: Topology) -> bool:
+    """What a run's driver does: join ``address`` (or ``RAY_ADDRESS``), else start an embedded
+    cluster with the topology's resources.
+
+    Returns whether this call connected (and so the driver should disconnect at the end); an
+    already initialised Ray (a test's module fixture, a job's driver) is used as it is. An
+    embedded cluster gets as many logical CPUs as the cloud and the edge actors ask for, even
+    beyond the machine's cores: sites on one machine time-share it, as in the local launcher.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        connect(address, topology)
+    else:
+        cpus = topology.cloud.num_cpus + sum(s.actor_cpus for s in topology.sites)
+        connect(None, topology, num_cpus=math.ceil(cpus))
+    return True
 
 
 def check_site_nodes(topology: Topology, *, wait_s: float = 0.0) -> dict[str, str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ import torch
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
 from actors.contract import LocalWork, SiteJob
 from actors.federation import Federation, RoundOutcome, broadcast
-from cluster.connect import connect, shutdown
+from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Topology
 from experiments.config import (
@@ -88,7 +87,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     log = RunLog(cfg.run_dir)
     log.write_config(config)
 
-    started = connect_cluster(address or fed.address, topology)
+    started = join_or_start(address or fed.address, topology)
     cloud: Cloud | None = None
     # The cloud's own work is vector ops on ~1e5 floats (pack, aggregate, Adam): one thread.
     # Two OpenMP threads gain nothing at that size and, when the sites keep the cores busy,
@@ -297,24 +296,6 @@ def meta_test_task(cfg: ExperimentConfig, params: Params, episodes: int) -> dict
 def meta_test_on_cloud(cfg: ExperimentConfig, params: Params, episodes: int,
                        topology: Topology) -> dict[str, Any]:
     return ray.get(on_cloud(meta_test_task, topology).remote(cfg, params, episodes))
-
-
-def connect_cluster(address: str | None, topology: Topology) -> bool:
-    """Join ``address`` or start an embedded cluster with the topology's resources.
-
-    Returns whether this call connected (and so the driver should disconnect at the end); an
-    already initialised Ray (a test's module fixture, a job's driver) is used as it is. An
-    embedded cluster gets as many logical CPUs as the cloud and the edge actors ask for, even
-    beyond the machine's cores: sites on one machine time-share it, as in the local launcher.
-    """
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        connect(address, topology)
-    else:
-        cpus = topology.cloud.num_cpus + sum(s.actor_cpus for s in topology.sites)
-        connect(None, topology, num_cpus=math.ceil(cpus))
-    return True
 
 
 # --------------------------------------------------------------------------- entry point
