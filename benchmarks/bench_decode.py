@@ -4,7 +4,7 @@
 
 For 1, 8 and 32 Omniglot images a request, times the server-side path from the request body
 (bytes) to the input tensor, as the application runs it: ``json.loads`` (FastAPI's parser),
-pydantic validation against ``PredictRequest``, then ``ModelSpec.read``, once with the images
+pydantic validation against ``PredictRequest``, then ``ModelSignature.read``, once with the images
 as nested JSON numbers (3-decimal pixels, as ``bench_serve.py`` sends them) and once as
 ``inputs_b64`` (little-endian float32, base64). Medians over interleaved repetitions, one
 thread; the two paths must give the same tensor to float32 rounding of the 3-decimal values.
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from serve.client import to_packed
-from serve.models import ModelSpec
 from serve.schemas import PredictRequest
+from serve.signature import ModelSignature
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=300)
     args = p.parse_args(argv)
-    spec = ModelSpec("classification", "omniglot", "maml", 5)
+    spec = ModelSignature("classification", "omniglot", "maml", 5)
     print("| images a request | body bytes, JSON | body bytes, packed | JSON µs | packed µs "
           "| JSON / packed |")
     print("|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ G = 1, 4, 8, 16 and 32 groups of ``--images`` 28×28 images (default one); the M
 64 channels, batch statistics per group. Times are medians in ms; the last columns are each
 fast path's largest difference to the loop (they must agree to float rounding). A fourth
 column runs ``forward_groups`` in passes of at most ``--max-images`` images, as
-``serve.models.predict_many`` does. All run interleaved, so that load from other processes hits
+``serve.batching.predict_many`` does. All run interleaved, so that load from other processes hits
 them alike.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from metalearn.algorithms import build_algorithm
 from metalearn.models import OmniglotConvNet
-from serve.models import passes
+from serve.batching import passes
 
 
 def median_ms(fns: dict[str, Callable[[], torch.Tensor]], reps: int) -> dict[str, float]:

@@ -74,7 +74,9 @@ def bare_app(run_dir: str) -> Any:
     object runs in the bare uvicorn process and, pickled, inside a Serve replica."""
     from fastapi import FastAPI
 
-    from serve.models import ModelStore, outputs_to_prediction, predict_one
+    from serve.batching import predict_one
+    from serve.signature import outputs_to_prediction
+    from serve.store import ModelStore
 
     state: dict[str, Any] = {}
     app = FastAPI()
@@ -85,9 +87,9 @@ def bare_app(run_dir: str) -> Any:
             torch.set_num_threads(1)
             state["store"] = ModelStore([run_dir], cache_size=16)
         model = state["store"].get(model_id)
-        out = predict_one(model, model.spec.read(body.inputs, body.inputs_b64, 256))
+        out = predict_one(model, model.signature.read(body.inputs, body.inputs_b64, 256))
         return {"model_id": model_id, "resolved_model_id": model.id,
-                **outputs_to_prediction(model.spec.task_type, out)}
+                **outputs_to_prediction(model.signature.task_type, out)}
 
     return app
 

@@ -68,10 +68,11 @@ def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any
     """Deploy the run on the cluster, predict, adapt to unseen characters, predict again."""
     import ray
 
+    from cluster.ports import free_port
     from experiments.runlog import read_run_config
     from metalearn.from_config import sampler_from_config
     from serve.client import EdgeMetaClient
-    from serve.launch import free_port, start
+    from serve.launch import start
 
     try:
         served = start({"run_dirs": [str(run_dir.resolve())]}, port=free_port(),

@@ -70,6 +70,9 @@ async def _send_json(send: Send, status: int, detail: str,
 class Gate:
     """ASGI middleware: identity headers on every response, then size and token checks.
 
+    The identity is the ingress replica's; an answer that a model replica computed already
+    names that replica (node, site, replica id), and those headers are kept.
+
     ``settings`` is read per request from a holder (a replica fills it in ``__init__``), so the
     module-level FastAPI app that ``@serve.ingress`` needs can be configured per deployment.
     """
@@ -87,7 +90,9 @@ class Gate:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *extra]
+                headers = list(message.get("headers", []))
+                named = {k.lower() for k, _ in headers}  # a model replica's where-served wins
+                message["headers"] = [*headers, *(h for h in extra if h[0] not in named)]
             await send(message)
 
         path = scope.get("path", "")

@@ -23,8 +23,6 @@ import numpy as np
 
 RETRY_STATUSES = frozenset({429, 503})
 
-MULTIPLEX_HEADER = "serve_multiplexed_model_id"
-
 
 class ServeError(RuntimeError):
     def __init__(self, status: int, detail: Any, headers: httpx.Headers) -> None:
@@ -121,10 +119,12 @@ class EdgeMetaClient:
     def predict(self, model_id: str, inputs: Any) -> dict[str, Any]:
         """Class probabilities + labels, or regression values, for a batch of inputs.
 
-        The multiplexing header lets Serve's router prefer a replica that has the model loaded.
+        No ``serve_multiplexed_model_id`` header: the id in the path may be a moving name
+        (``latest``), and the model replicas are keyed by canonical ids, which only the server
+        knows; its ingress resolves the id and routes to a replica holding that model.
         """
         r = self._send("POST", f"/v1/models/{model_id}/predict",
-                       json=self._inputs("inputs", inputs), headers={MULTIPLEX_HEADER: model_id})
+                       json=self._inputs("inputs", inputs))
         return self._json(r)
 
     def adapt(self, support_inputs: Any, support_labels: Sequence[Any] | Any,

@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from cluster.ports import free_port
 
 Ingress = Literal["haproxy", "proxy"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
@@ -49,12 +50,6 @@ def haproxy_available() -> bool:
         return os.access(get_haproxy_binary(), os.X_OK)
     except FileNotFoundError:
         return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[str, str]:

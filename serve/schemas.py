@@ -3,7 +3,7 @@
 Types here reject what JSON can smuggle into a float field: strings, booleans, ``NaN`` and
 ``Infinity`` (Python's JSON parser accepts the last two), so a bad value is a 422 naming its
 place before any tensor is built. Shapes depend on the model being asked (28×28 images or
-sinusoid scalars), so they are checked later, against the model (:mod:`serve.models`), and so
+sinusoid scalars), so they are checked later, against the model (:mod:`serve.signature`), and so
 are packed inputs (``*_b64``: float32, base64), which are decoded there and held to the same
 count limits and finite values.
 The limits in the schema are hard ceilings for the OpenAPI document; the smaller, configurable
@@ -181,10 +181,19 @@ class ServeSettings(BaseModel):
     run_dirs: list[str] = Field(min_length=1, description="run folders; the first is `latest`")
     site: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
                              description="pin replicas to this edge site's node")
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves")
+    num_replicas: int = Field(1, ge=1, description="replicas that hold models")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica that holds models reserves")
+    route_by_model: bool = Field(True, description="with num_replicas > 1: models in a "
+                                 "deployment behind the ingress, each request routed to a "
+                                 "replica that holds its model (one more hop a request); false: "
+                                 "every replica is an ingress with its own models")
+    ingress_replicas: int = Field(1, ge=1, description="ingress replicas in front of routed "
+                                  "model replicas (they hold no model)")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs each such ingress replica "
+                                    "reserves (0, like Serve's proxies: it decodes, forwards)")
     torch_threads: int | None = Field(None, ge=1, description="default: Ray's per-replica setting")
-    max_models_per_replica: int = Field(16, ge=1, description="LRU size of the model cache")
+    max_models_per_replica: int = Field(16, ge=1, description="LRU size of a model replica's "
+                                        "cache")
     max_inputs: int = Field(256, ge=1, le=HARD_MAX_INPUTS)
     max_support: int = Field(512, ge=1, le=HARD_MAX_INPUTS)
     max_adapt_steps: int = Field(50, ge=0, le=HARD_MAX_STEPS)
@@ -195,7 +204,7 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="0: batch what is already queued")
     batch_max_images: int = Field(32, ge=1, description="inputs a batched forward pass holds "
                                   "at most (more requests: more passes)")
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica that holds models")
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     retry_after_s: float = Field(1.0, ge=0)
     backpressure_status: Literal[503, 429] = 503

@@ -11,18 +11,10 @@ from helpers import train_tiny_run
 
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.from_config import algorithm_from_config
-from serve.models import (
-    BadInput,
-    LRUCache,
-    ModelStore,
-    TooLarge,
-    UnknownModel,
-    adapted_key,
-    fingerprint,
-    passes,
-    predict_many,
-    predict_one,
-)
+from serve.adapted import adapted_key, fingerprint
+from serve.batching import passes, predict_many, predict_one
+from serve.errors import BadInput, TooLarge, UnknownModel
+from serve.store import LRUCache, ModelStore
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +45,18 @@ def test_ids_resolve_to_exact_versions(store: ModelStore, runs: tuple[Path, Path
             store.resolve(bad)
 
 
+def test_locate_maps_canonical_ids_only(store: ModelStore) -> None:
+    """A model replica's loader gets canonical ids: mapped to files, never resolved again."""
+    for model_id in ("latest", "omni@000001", "sine@latest"):
+        ref = store.resolve(model_id)
+        assert store.locate(ref.id) == ref
+    adapted = store.locate("sine@ad-" + "0" * 24)  # a name-to-path map: nothing is read
+    assert (adapted.kind, adapted.path.name) == ("adapted", "ad-" + "0" * 24 + ".pt")
+    for not_canonical in ("latest", "omni@latest", "omni@0001", "1", "nope@1", "omni/1", ""):
+        with pytest.raises(ValueError, match="not a canonical model id"):
+            store.locate(not_canonical)
+
+
 def test_latest_follows_the_pointer_with_bounded_staleness(runs: tuple[Path, Path],
                                                            tmp_path: Path) -> None:
     run = tmp_path / "roll"
@@ -73,7 +77,7 @@ def test_latest_follows_the_pointer_with_bounded_staleness(runs: tuple[Path, Pat
 
 
 def test_inputs_are_checked_against_the_model(store: ModelStore) -> None:
-    omni = store.runs["omni"].spec
+    omni = store.runs["omni"].signature
     assert omni.inputs(_images(3).tolist(), 8).shape == (3, 1, 28, 28)
     with pytest.raises(BadInput, match="28x28"):
         omni.inputs(torch.rand(2, 27, 28).tolist(), 8)
@@ -83,7 +87,7 @@ def test_inputs_are_checked_against_the_model(store: ModelStore) -> None:
         omni.inputs([[[1e39] * 28] * 28], 8)
     with pytest.raises(TooLarge, match="limit of 2"):
         omni.inputs(_images(3).tolist(), 2)
-    sine = store.runs["sine"].spec
+    sine = store.runs["sine"].signature
     assert sine.inputs([0.5, -1.0], 8).shape == (2, 1)
     assert sine.inputs([[0.5], [-1.0]], 8).shape == (2, 1)
     with pytest.raises(BadInput, match="one number"):
@@ -96,7 +100,7 @@ def _pack(x: torch.Tensor) -> str:
 
 
 def test_packed_inputs_decode_to_the_json_batch(store: ModelStore) -> None:
-    omni, sine = store.runs["omni"].spec, store.runs["sine"].spec
+    omni, sine = store.runs["omni"].signature, store.runs["sine"].signature
     x = _images(3)
     assert torch.equal(omni.unpack(_pack(x), 8), omni.inputs(x.tolist(), 8))
     assert torch.equal(omni.read(None, _pack(x), 8), omni.read(x.tolist(), None, 8))
@@ -116,7 +120,7 @@ def test_packed_inputs_decode_to_the_json_batch(store: ModelStore) -> None:
 
 
 def test_support_labels_are_checked(store: ModelStore) -> None:
-    spec = store.runs["omni"].spec
+    spec = store.runs["omni"].signature
     assert spec.targets([0, 1, 2, 3, 4], 5).dtype == torch.int64
     with pytest.raises(BadInput, match="6 classes but the model has 5"):
         spec.targets([0, 1, 2, 3, 4, 5], 6)
@@ -128,7 +132,7 @@ def test_support_labels_are_checked(store: ModelStore) -> None:
         spec.targets([0.0, 1.0], 2)
     with pytest.raises(BadInput, match="2 entries"):
         spec.targets([0, 1], 3)
-    assert store.runs["sine"].spec.targets([0.5, 1.5], 2).shape == (2, 1)
+    assert store.runs["sine"].signature.targets([0.5, 1.5], 2).shape == (2, 1)
 
 
 def test_adapt_is_content_addressed_persisted_and_equal_to_the_core(
