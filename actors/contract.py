@@ -15,7 +15,8 @@ Defaults live in the experiment config alone (:mod:`experiments.config`): every 
 required, so a value can never silently differ between the cloud and a site. What later issues
 add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
 setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
-of :class:`SiteJob`, and a field of :class:`RoundReply` for what comes back.
+of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, is), and a field of
+:class:`RoundReply` for what comes back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 UpdateKind = Literal["gradient", "delta"]
+AttackName = Literal["sign_flip", "scale", "gaussian", "alie", "label_flip"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,42 @@ class LocalWork:
     lr: float
     optimizer: Literal["sgd", "adam"]
     tasks_per_step: int
+
+
+@dataclass(frozen=True)
+class Attack:
+    """How a malicious site corrupts its part of every round (the topology's ``attack`` of the
+    site; the maths is :mod:`metalearn.attacks`). The site still replies as a normal
+    participant: same kind, shape and task count; only the update (or its data) is poisoned.
+
+    ``name`` says which fields count; the others are 0 (every field is required, so the cloud
+    and the site can never disagree on a default):
+
+    * ``sign_flip``: sends ``-factor * u``; ``scale``: sends ``factor * u``.
+    * ``gaussian``: sends ``N(0, sigma^2)`` noise, seeded by (seed, site, round).
+    * ``alie``: sends ``mean - z * std`` of ``samples`` honest updates it computes itself.
+    * ``label_flip``: trains honestly on tasks whose labels it flipped (data poisoning).
+    """
+
+    name: AttackName
+    factor: float
+    sigma: float
+    z: float
+    samples: int
+
+    def __post_init__(self) -> None:
+        bad = {"sign_flip": self.factor <= 0, "scale": self.factor <= 0,
+               "gaussian": self.sigma <= 0, "alie": self.samples < 2 or self.z < 0,
+               "label_flip": False}
+        if self.name not in bad:
+            raise ValueError(f"unknown attack {self.name!r}; choose one of {', '.join(bad)}")
+        if bad[self.name]:
+            raise ValueError(f"attack {self}: parameters out of range")
+
+    @property
+    def poisons_data(self) -> bool:
+        """True when the attack acts on the tasks, before the (then honest) update."""
+        return self.name == "label_flip"
 
 
 @dataclass(frozen=True)
@@ -62,6 +100,8 @@ class SiteJob:
             calls and replies are served at once while the site trains.
         delay_s: simulated extra compute time per round (a slow site; from the topology).
         fail: test hook: every round raises (from ``federated.fail_sites``).
+        attack: ``None`` for an honest site; else how it corrupts its rounds (the topology's
+            ``attack`` of the site: robust aggregation is tested against configured attackers).
     """
 
     site: str
@@ -73,6 +113,7 @@ class SiteJob:
     compute_nice: int
     delay_s: float
     fail: bool
+    attack: Attack | None
 
     def __post_init__(self) -> None:
         if self.devices < 1:

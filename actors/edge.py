@@ -15,7 +15,9 @@ for the same round, so :meth:`EdgeNode.sampler_state` only needs to carry a roun
 
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
-test can inject them into a real cluster.
+test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
+relabels the round's tasks before the honest update; the update attacks replace the honest
+update once it is computed (:mod:`metalearn.attacks`). The reply looks like any other.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import numpy as np
 import ray
 import torch
 
-from actors.contract import RoundReply, RoundTimings, SiteInfo, SiteJob
+from actors.contract import Attack, RoundReply, RoundTimings, SiteInfo, SiteJob
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
+from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update
 from metalearn.params import FlatLayout, Params
-from metalearn.sites import SiteTasks, site_seed
+from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed
 
 T = TypeVar("T")
 _POLL_S = 0.02  # how often an injected delay looks for a cancellation
@@ -170,10 +173,41 @@ class EdgeNode:
         params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
                   else {k: v.detach().clone() for k, v in params.items()})
         sample = self.tasks.round_sampler(devices, round_idx)
+        attack = self.job.attack
+        if attack is not None and attack.poisons_data:
+            sample = attacks.flipped(sample, int(self.job.learner["data"]["ways"]))
+        update = self._honest_update(params, sample)
+        flat = self.layout.pack(update.tensors)
+        if attack is not None and not attack.poisons_data:
+            flat = self._poisoned(attack, flat, params, sample, round_idx)
+        return update, flat, began
+
+    def _honest_update(self, params: Params, sample: SampleTasks) -> MetaUpdate:
         work = self.job.local
-        update = local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
-                              work.lr, work.optimizer)
-        return update, self.layout.pack(update.tensors), began
+        return local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
+                            work.lr, work.optimizer)
+
+    def _poisoned(self, attack: Attack, flat: np.ndarray, params: Params, sample: SampleTasks,
+                  round_idx: int) -> np.ndarray:
+        """The update a malicious site sends instead of its honest ``flat`` one."""
+        honest = torch.from_numpy(flat)
+        if attack.name == "sign_flip":
+            out = attacks.sign_flip(honest, attack.factor)
+        elif attack.name == "scale":
+            out = attacks.scale(honest, attack.factor)
+        elif attack.name == "gaussian":
+            generator = torch.Generator().manual_seed(attack_seed(self.job.seed, self.site,
+                                                                  round_idx))
+            out = attacks.gaussian(honest, attack.sigma, generator)
+        elif attack.name == "alie":
+            # More honest updates on fresh tasks of the same round's stream (deterministic):
+            # the site's own estimate of the honest updates' mean and spread.
+            more = [self.layout.pack(self._honest_update(params, sample).tensors)
+                    for _ in range(attack.samples - 1)]
+            out = attacks.alie(torch.from_numpy(np.stack([flat, *more])), attack.z)
+        else:
+            raise ValueError(f"{self.site}: {attack.name!r} is not an update attack")
+        return out.to(torch.float32).numpy()
 
     def _injected_delay(self) -> None:
         end = time.perf_counter() + self.job.delay_s

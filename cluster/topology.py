@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SITE_RESOURCE_QUANTITY = 1000.0
 ACTOR_RESOURCE_REQUEST = 1.0
@@ -37,6 +45,74 @@ class NodeResources(_Section):
     object_store_gb: float = Field(0.3, gt=0, description="--object-store-memory")
 
 
+# --------------------------------------------------------------------------- attacks
+# A malicious site is configured here, as a behaviour of the site, never coded into a test.
+# One model per attack, told apart by ``name``; a parameter that does not belong to the named
+# attack is an unknown key. The maths is metalearn.attacks; actors.edge applies it.
+
+class SignFlipAttack(_Section):
+    """Send ``-factor`` times the honest update."""
+
+    name: Literal["sign_flip"]
+    factor: float = Field(1.0, gt=0, description="k of -k*u (a scale up as well as a flip)")
+
+
+class ScaleAttack(_Section):
+    """Send ``factor`` times the honest update (a boosted update, model replacement)."""
+
+    name: Literal["scale"]
+    factor: float = Field(10.0, gt=0, description="lambda of lambda*u")
+
+    @field_validator("factor")
+    @classmethod
+    def _not_one(cls, value: float) -> float:
+        if value == 1:
+            raise ValueError("factor 1 sends the honest update: no attack")
+        return value
+
+
+class GaussianAttack(_Section):
+    """Send Gaussian noise instead of the update, seeded by (seed, site, round)."""
+
+    name: Literal["gaussian"]
+    sigma: float = Field(1.0, gt=0, description="standard deviation per coordinate")
+
+
+class AlieAttack(_Section):
+    """"A little is enough" (Baruch et al., 2019): ``mean - z * std`` of honest updates that
+    the site computes itself (``samples`` of them, each on fresh tasks: that many times the
+    honest compute)."""
+
+    name: Literal["alie"]
+    z: float | None = Field(None, ge=0, description="null: the paper's z_max for the sites "
+                                                    "called per round and the attackers")
+    samples: int = Field(4, ge=2, description="honest updates to estimate mean and std")
+
+
+class LabelFlipAttack(_Section):
+    """Data poisoning: labels ``l -> ways - 1 - l`` (regression targets ``y -> -y``) on the
+    site's support and query sets, then an honest update."""
+
+    name: Literal["label_flip"]
+
+
+ATTACKS = ("sign_flip", "scale", "gaussian", "alie", "label_flip")
+
+
+def _known_attack(value: Any) -> Any:
+    """Say which attacks exist when ``name`` is missing or names none."""
+    if isinstance(value, dict) and value.get("name") not in ATTACKS:
+        raise ValueError(f"attack name {value.get('name')!r} is not one of {', '.join(ATTACKS)}")
+    return value
+
+
+SiteAttack = Annotated[
+    Union[SignFlipAttack, ScaleAttack, GaussianAttack, AlieAttack, LabelFlipAttack],  # noqa: UP007
+    Field(discriminator="name"),
+    BeforeValidator(_known_attack),
+]
+
+
 class Site(NodeResources):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     devices: int = Field(1, ge=1, description="virtual clients (devices) simulated by the site")
@@ -48,6 +124,9 @@ class Site(NodeResources):
                     "CPU to the node's control plane (Ray's raylet and RPC threads, a serving "
                     "replica; Ray runs its workers at 15), so calls are delivered at once even "
                     "while the sites train; 0 leaves it as Ray started it")
+    attack: SiteAttack | None = Field(
+        None, description="a malicious site: how it corrupts its rounds (testing robust "
+                          "aggregation); none: honest")
 
 
 class Topology(_Section):
@@ -77,6 +156,11 @@ class Topology(_Section):
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    @property
+    def attackers(self) -> list[str]:
+        """The sites configured with an attack."""
+        return [s.name for s in self.sites if s.attack is not None]
 
     def site(self, name: str) -> Site:
         for s in self.sites:

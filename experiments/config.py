@@ -24,11 +24,16 @@ from pydantic import (
 
 from metalearn.aggregation import (
     Aggregator,
+    Bulyan,
     ClipAndNoise,
     CoordinateMedian,
+    Krum,
+    MultiKrum,
+    NormBound,
     TrimmedMean,
     WeightedMean,
 )
+from metalearn.attacks import alie_z_max
 
 
 class _Section(BaseModel):
@@ -165,13 +170,59 @@ class ClipNoiseRule(_Section):
         return ClipAndNoise(self.inner.build(), self.clip_norm, self.noise_multiplier, self.seed)
 
 
+class KrumRule(_Section):
+    """Krum: the one update closest to its ``n - f - 2`` nearest others; needs n > 2f + 2."""
+
+    name: Literal["krum"] = "krum"
+    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
+
+    def build(self) -> Aggregator:
+        return Krum(self.f)
+
+
+class MultiKrumRule(_Section):
+    """Multi-Krum: the mean of the ``m`` updates of lowest Krum score; needs n > 2f + 2."""
+
+    name: Literal["multi_krum"] = "multi_krum"
+    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
+    m: int | None = Field(None, ge=1, description="updates averaged; null: n - f each round")
+
+    def build(self) -> Aggregator:
+        return MultiKrum(self.f, self.m)
+
+
+class BulyanRule(_Section):
+    """Bulyan over Krum: n - 2f updates by Krum, then per coordinate the n - 4f values closest
+    to the median, averaged; needs n >= 4f + 3."""
+
+    name: Literal["bulyan"] = "bulyan"
+    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
+
+    def build(self) -> Aggregator:
+        return Bulyan(self.f)
+
+
+class NormBoundRule(_Section):
+    """Clip each update to L2 norm ``max_norm``, then aggregate with ``inner`` (no noise)."""
+
+    name: Literal["norm_bound"] = "norm_bound"
+    inner: AggregatorConfig = Field(default_factory=WeightedMeanRule)
+    max_norm: float = Field(gt=0, description="L2 bound of each update")
+
+    def build(self) -> Aggregator:
+        return NormBound(self.inner.build(), self.max_norm)
+
+
 AggregatorConfig = Annotated[
-    Union[WeightedMeanRule, MedianRule, TrimmedMeanRule, ClipNoiseRule],  # noqa: UP007
+    Union[WeightedMeanRule, MedianRule, TrimmedMeanRule, ClipNoiseRule,  # noqa: UP007
+          KrumRule, MultiKrumRule, BulyanRule, NormBoundRule],
     Field(discriminator="name"),
     BeforeValidator(_known_rule),
 ]
-AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise")
+AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise", "krum",
+                     "multi_krum", "bulyan", "norm_bound")
 ClipNoiseRule.model_rebuild()
+NormBoundRule.model_rebuild()
 
 
 class FederatedConfig(_Section):
@@ -226,6 +277,8 @@ class FederatedConfig(_Section):
         if self.quorum > called:
             raise ValueError(f"quorum {self.quorum} exceeds the {called} sites called per "
                              f"round ({len(names)} sites x site_fraction {self.site_fraction})")
+        self._check_aggregator(called, len(names))
+        self._check_attacks(topology, called)
         if self.devices_per_round is not None:
             fewest = min(self.devices_per_site or s.devices for s in topology.sites)
             if self.devices_per_round > fewest:
@@ -236,6 +289,47 @@ class FederatedConfig(_Section):
                                  f"tasks_per_site {self.tasks_per_site}: some devices would "
                                  "sample no task")
         return self
+
+    def _check_aggregator(self, called: int, sites: int) -> None:
+        """The rule must be able to combine every round it is given: any count of arrived
+        updates from ``quorum`` to the sites called (late and failed sites lower the count)."""
+        rule = self.aggregator.build()
+        need = rule.min_updates()
+        if self.quorum < need:
+            calls = ("" if called >= need else
+                     f", and call at least {need} sites per round (now {called}: {sites} "
+                     f"sites x site_fraction {self.site_fraction})")
+            raise ValueError(f"aggregator {rule.name} {rule.requirement()} in every round it "
+                             f"aggregates, but quorum {self.quorum} lets rounds with as few as "
+                             f"{self.quorum} be aggregated: set quorum >= {need}{calls}")
+        # Secure aggregation (added elsewhere) hooks in here: the cloud then sees only the sum
+        # of the updates, so a rule with `rule.needs_individual_updates` (every rule but
+        # weighted_mean, as each looks at, clips or ranks updates one by one) must be refused
+        # with secure aggregation on.
+
+    def _check_attacks(self, topology: Any, called: int) -> None:
+        """Attacks whose parameters cannot work with this federation."""
+        for site in topology.sites:
+            attack = site.attack
+            if attack is not None and site.name in self.fail_sites:
+                raise ValueError(f"site {site.name} is in fail_sites and has an attack: a site "
+                                 "that fails every round never sends its attack")
+            if attack is not None and attack.name == "alie" and attack.z is None:
+                z = self.alie_z(topology)
+                if z <= 0:
+                    raise ValueError(
+                        f"site {site.name}: alie's z from Baruch et al. for {called} sites per "
+                        f"round and {len(topology.attackers)} attacker(s) is {z:.3g}: the site "
+                        "would send the honest mean; give attack.z explicitly or call more sites")
+
+    def alie_z(self, topology: Any) -> float:
+        """Baruch et al.'s ``z_max`` for this federation: ``n`` = sites called per round,
+        ``f`` = the topology's attacking sites (what an ``alie`` attack with ``z: null`` uses)."""
+        called = self.sites_per_round(len(topology.sites))
+        try:
+            return alie_z_max(called, len(topology.attackers))
+        except ValueError as err:
+            raise ValueError(f"{err} (federated: {called} sites per round)") from None
 
     def sites_per_round(self, sites: int) -> int:
         return max(1, round(self.site_fraction * sites))

@@ -42,11 +42,11 @@ import ray
 import torch
 
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
-from actors.contract import LocalWork, SiteJob
+from actors.contract import Attack, LocalWork, SiteJob
 from actors.federation import Federation, RoundOutcome, broadcast
 from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
-from cluster.topology import Topology
+from cluster.topology import Site, Topology
 from experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -267,8 +267,22 @@ def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Map
     return {s.name: SiteJob(site=s.name, learner=learner, data_plan=plans[s.name], local=work,
                             devices=devices[s.name], seed=cfg.seed,
                             compute_nice=s.compute_nice, delay_s=s.delay_s,
-                            fail=s.name in fed.fail_sites)
+                            fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology))
             for s in topology.sites}
+
+
+def site_attack(site: Site, fed: FederatedConfig, topology: Topology) -> Attack | None:
+    """The topology's attack of ``site`` as the site is told it: every value resolved (an
+    ``alie`` without ``z`` gets Baruch et al.'s ``z_max`` for this federation)."""
+    spec = site.attack
+    if spec is None:
+        return None
+    values = spec.model_dump()
+    if spec.name == "alie" and values["z"] is None:
+        values["z"] = fed.alie_z(topology)
+    return Attack(name=spec.name, factor=float(values.get("factor", 0.0)),
+                  sigma=float(values.get("sigma", 0.0)), z=float(values.get("z", 0.0)),
+                  samples=int(values.get("samples", 0)))
 
 
 def choose_participants(sites: Sequence[str], devices: Mapping[str, int], fed: FederatedConfig,

@@ -21,8 +21,9 @@ from metalearn.tasks import TaskBatch
 
 SampleTasks = Callable[[int], TaskBatch]
 
-# Stream tags: training rounds and the held-out personalization tasks never share a seed.
-_ROUND, _HOLDOUT, _DEVICES = 0, 1, 2
+# Stream tags: training rounds, the held-out personalization tasks, the device split and a
+# malicious site's own randomness (metalearn.attacks) never share a seed.
+_ROUND, _HOLDOUT, _DEVICES, _ATTACK = 0, 1, 2, 3
 
 
 def site_seed(seed: int, site: str, *extra: int) -> int:
@@ -38,6 +39,12 @@ def site_seed(seed: int, site: str, *extra: int) -> int:
 def round_seed(seed: int, site: str, device: int, round_idx: int) -> int:
     """Seed of device ``device`` of ``site`` in round ``round_idx``."""
     return site_seed(seed, site, _ROUND, device, round_idx)
+
+
+def attack_seed(seed: int, site: str, round_idx: int) -> int:
+    """Seed of a malicious site's own draws in round ``round_idx`` (its Gaussian update): a
+    function of (seed, site, round), so an attacked run resumes and repeats exactly."""
+    return site_seed(seed, site, _ATTACK, round_idx)
 
 
 # --------------------------------------------------------------------------- site partitions

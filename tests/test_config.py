@@ -61,3 +61,86 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("train: {steps: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# --------------------------------------------------------------------------- robust rules, attacks
+
+def federated(**section: object) -> dict:
+    return {"federated": section}
+
+
+def sites(n: int, **attacks: dict) -> dict:
+    """An inline topology of ``n`` sites ``s0``..; ``attacks`` maps a site to its attack."""
+    return {"sites": [{"name": f"s{i}", **({"attack": attacks[f"s{i}"]}
+                                          if f"s{i}" in attacks else {})} for i in range(n)]}
+
+
+def test_robust_rules_and_attacks_parse() -> None:
+    cfg = parse_config(federated(topology=sites(5, s4={"name": "sign_flip", "factor": 4}),
+                                 quorum=5, aggregator={"name": "krum", "f": 1}))
+    assert cfg.federated is not None
+    topology = cfg.federated.resolved_topology()
+    assert topology.attackers == ["s4"]
+    attack = topology.site("s4").attack
+    assert attack is not None and attack.name == "sign_flip" and attack.factor == 4.0
+    # defaults of each attack live here, in the config
+    for raw, field, value in [({"name": "sign_flip"}, "factor", 1.0),
+                              ({"name": "scale"}, "factor", 10.0),
+                              ({"name": "gaussian"}, "sigma", 1.0),
+                              ({"name": "alie", "z": 1.0}, "samples", 4)]:
+        got = parse_config(federated(topology=sites(2, s1=raw))).federated
+        assert got is not None
+        assert getattr(got.resolved_topology().site("s1").attack, field) == value
+    # rules at their least federation: Bulyan f=1 on 7 of 8 sites, quorum 7
+    parse_config(federated(topology=8, site_fraction=0.875, quorum=7,
+                           aggregator={"name": "bulyan", "f": 1}))
+    parse_config(federated(topology=6, quorum=6, aggregator={"name": "multi_krum", "m": 5}))
+    parse_config(federated(topology=3, quorum=3, aggregator={
+        "name": "norm_bound", "max_norm": 0.5, "inner": {"name": "krum", "f": 0}}))
+    parse_config(federated(aggregator={"name": "norm_bound", "max_norm": 0.5}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # Krum needs n > 2f+2 in every aggregated round: quorum is the fewest aggregated
+        (federated(topology=4, aggregator={"name": "krum"}),
+         "aggregator krum needs more than 2f+2 = 4 updates (f=1) in every round it aggregates, "
+         "but quorum 1 lets rounds with as few as 1 be aggregated: set quorum >= 5, and call at "
+         "least 5 sites per round (now 4: 4 sites x site_fraction 1.0)"),
+        (federated(topology=6, quorum=4, aggregator={"name": "krum"}), "set quorum >= 5"),
+        (federated(topology=8, site_fraction=0.5, quorum=4, aggregator={"name": "bulyan"}),
+         "bulyan needs at least 4f+3 = 7 updates (f=1)"),
+        (federated(topology=6, quorum=5, aggregator={"name": "multi_krum", "m": 5}),
+         "at least m+f = 6 (m=5)"),
+        (federated(topology=5, quorum=5, aggregator={"name": "norm_bound", "max_norm": 1,
+                                                     "inner": {"name": "bulyan"}}),
+         "norm_bound wraps bulyan, which needs at least 4f+3 = 7"),
+        (federated(topology=5, quorum=5, aggregator={"name": "clip_noise", "clip_norm": 1,
+                                                     "inner": {"name": "krum", "f": 2}}),
+         "clip_noise wraps krum, which needs more than 2f+2 = 6"),
+        (federated(aggregator={"name": "krum", "m": 3}), "aggregator.krum.m: unknown key"),
+        # an attack parameter that does not belong to the attack, or is out of range
+        (federated(topology=sites(2, s1={"name": "sign_flip", "sigma": 2})),
+         "sites.1.attack.sign_flip.sigma: unknown key"),
+        (federated(topology=sites(2, s1={"name": "label_flip", "factor": 2})),
+         "sites.1.attack.label_flip.factor: unknown key"),
+        (federated(topology=sites(2, s1={"name": "scale", "factor": 1})),
+         "factor 1 sends the honest update"),
+        (federated(topology=sites(2, s1={"name": "gaussian", "sigma": 0})),
+         "sites.1.attack.gaussian.sigma"),
+        (federated(topology=sites(2, s1={"name": "alie", "samples": 1, "z": 1})),
+         "sites.1.attack.alie.samples"),
+        (federated(topology=sites(2, s1={"name": "backdoor"})),
+         "attack name 'backdoor' is not one of sign_flip, scale, gaussian, alie, label_flip"),
+        # alie's default z is 0 for 4 sites and 1 attacker: the attack would do nothing
+        (federated(topology=sites(4, s3={"name": "alie"})),
+         "alie's z from Baruch et al. for 4 sites per round and 1 attacker(s) is 0"),
+        (federated(topology=sites(3, s2={"name": "scale"}), fail_sites=["s2"]),
+         "site s2 is in fail_sites and has an attack"),
+    ],
+)
+def test_combinations_that_cannot_work_are_rejected(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert message in str(err.value)
