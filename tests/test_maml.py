@@ -180,7 +180,7 @@ def test_auto_times_the_candidates_once_and_records_the_choice() -> None:
 
 
 class _TanhMLP(nn.Module):
-    """A model with no grouped forward (not in BATCHED_FORWARDS)."""
+    """A model with no grouped forward (not a net that metalearn.folded covers)."""
 
     def __init__(self) -> None:
         super().__init__()

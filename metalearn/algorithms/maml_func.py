@@ -9,7 +9,8 @@ Strategies (all give the same numbers; which is fastest depends on the model and
   by far for small models (a 1-40-40-1 MLP spends its time in Python, not in kernels).
 * ``grouped`` — tasks folded into the channel axis: a batch of per-task convolutions becomes one
   grouped convolution and per-task linears a ``bmm``; BatchNorm over the folded channels is
-  BatchNorm with per-task statistics. Only for the architectures in :data:`BATCHED_FORWARDS`.
+  BatchNorm with per-task statistics. Only for the nets :mod:`metalearn.folded` covers (its
+  :func:`~metalearn.folded.forward_tasks`; serving's per-request forward is the same walk).
 * ``auto`` — times the candidates on the first batch of each shape (:data:`STRATEGY_CHOICES`
   keeps the choice and the timings so that a run can report them) and keeps the fastest. The
   candidates are ``loop`` and ``grouped``, or ``loop`` and ``vmap`` for a model that ``grouped``
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalearn.algorithms.base import TaskType
-from metalearn.models import OmniglotConvNet, SinusoidMLP
+from metalearn.folded import forward_tasks, supports_tasks
 from metalearn.params import Params
 from metalearn.tasks import TaskBatch
 
@@ -59,105 +60,6 @@ class InnerLoop(Protocol):
     def adapted_keys(self, params: Params) -> list[str]: ...
 
     def inner_update(self, fast: Params, grads: Params, params: Params) -> Params: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Task-batched forward passes for the "grouped" strategy. Parameters carry a leading task axis
-# [B, ...]; inputs are [B, N, ...]; outputs are [B, N, ...].
-
-
-class Unsupported(TypeError):
-    """The model contains a layer the grouped forward cannot batch over tasks."""
-
-
-_STATELESS = (nn.ReLU, nn.Identity, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ELU,
-              nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
-
-
-def _conv_folded(seq: nn.Module, prefix: str, fp: Params, h: Tensor, tasks: int) -> Tensor:
-    """Run conv layers on ``h`` of shape [N, B*C, H, W] (tasks folded into channels)."""
-    for name, m in seq.named_children():
-        p = f"{prefix}{name}."
-        if isinstance(m, nn.Sequential):
-            h = _conv_folded(m, p, fp, h, tasks)
-        elif isinstance(m, nn.Conv2d):
-            w, b = fp[p + "weight"], fp.get(p + "bias")
-            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
-                         m.stride, m.padding, m.dilation, tasks * m.groups)
-        elif isinstance(m, nn.BatchNorm2d):
-            if m.running_mean is not None:
-                raise Unsupported("BatchNorm with running statistics cannot be batched over tasks")
-            w, b = fp.get(p + "weight"), fp.get(p + "bias")
-            h = F.batch_norm(h, None, None, None if w is None else w.reshape(-1),
-                             None if b is None else b.reshape(-1), True, 0.0, m.eps)
-        elif isinstance(m, _STATELESS):
-            h = m(h)  # per channel (or elementwise): indifferent to the folding
-        else:
-            raise Unsupported(f"no grouped forward for layer {type(m).__name__}")
-    return h
-
-
-def _linear_batched(seq: nn.Module, prefix: str, fp: Params, h: Tensor) -> Tensor:
-    """Run linear layers on ``h`` of shape [B, N, D] with per-task weights (a ``bmm``)."""
-    if isinstance(seq, nn.Linear):
-        w, b = fp[prefix + "weight"], fp.get(prefix + "bias")
-        out = torch.bmm(h, w.transpose(1, 2))
-        return out if b is None else out + b.unsqueeze(1)
-    for name, m in seq.named_children():
-        p = f"{prefix}{name}."
-        if isinstance(m, nn.Sequential | nn.Linear):
-            h = _linear_batched(m, p, fp, h)
-        elif isinstance(m, _STATELESS) and not isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
-            h = m(h)
-        else:
-            raise Unsupported(f"no grouped forward for layer {type(m).__name__}")
-    return h
-
-
-def _omniglot_batched(model: nn.Module, fp: Params, x: Tensor) -> Tensor:
-    assert isinstance(model, OmniglotConvNet)
-    if x.dim() == 4:  # [B, N, H, W]: images without a channel axis
-        x = x.unsqueeze(2)
-    tasks, n = x.shape[:2]
-    h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])
-    h = _conv_folded(model.features, "features.", fp, h, tasks)
-    h = h.reshape(n, tasks, -1).transpose(0, 1)
-    return h if model.ways == 0 else _linear_batched(model.head, "head.", fp, h)
-
-
-def _mlp_batched(model: nn.Module, fp: Params, x: Tensor) -> Tensor:
-    assert isinstance(model, SinusoidMLP)
-    return _linear_batched(model.head, "head.", fp, _linear_batched(model.body, "body.", fp, x))
-
-
-def _sequential_batched(model: nn.Module, fp: Params, x: Tensor) -> Tensor:
-    return _linear_batched(model, "", fp, x)
-
-
-BATCHED_FORWARDS: dict[type, Callable[[nn.Module, Params, Tensor], Tensor]] = {
-    OmniglotConvNet: _omniglot_batched,
-    SinusoidMLP: _mlp_batched,
-    nn.Sequential: _sequential_batched,
-}
-
-
-def batched_forward(model: nn.Module, fp: Params, x: Tensor) -> Tensor:
-    """Outputs [B, N, ...] of ``model`` with per-task parameters ``fp`` ([B, ...] each)."""
-    fn = BATCHED_FORWARDS.get(type(model))
-    if fn is None:
-        raise Unsupported(f"no grouped forward for {type(model).__name__}")
-    return fn(model, fp, x)
-
-
-def supports_grouped(model: nn.Module, params: Params, x: Tensor) -> bool:
-    """Whether the grouped forward handles this model (checked on a tiny batch)."""
-    try:
-        with torch.no_grad():
-            fp = {k: v.unsqueeze(0) for k, v in params.items()}
-            batched_forward(model, fp, x[:1, :2])
-    except Unsupported:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +272,7 @@ class FuncMetaGradient:
         keys = alg.adapted_keys(params)
         first = None
         for step in range(steps):
-            out = batched_forward(alg.model, fast, x)
+            out = forward_tasks(alg.model, fast, x)
             # Tasks have equal sizes, so n × (the loss over all rows) = the sum of task losses,
             # whose gradient w.r.t. the per-task weights is each task's own gradient.
             loss = alg.loss(out.flatten(0, 1), y.flatten(0, 1)) * n
@@ -386,14 +288,14 @@ class FuncMetaGradient:
         alg, leaves = self.alg, self._leaves(params)
         fast, first = self._grouped_inner(leaves, tasks.support_x, tasks.support_y,
                                           alg.inner_steps, not alg.first_order)
-        out = batched_forward(alg.model, fast, tasks.query_x)
+        out = forward_tasks(alg.model, fast, tasks.query_x)
         qy = tasks.query_y
         loss = alg.loss(out.flatten(0, 1), qy.flatten(0, 1))
         loss.backward()
         if self.metrics_before == "query" or first is None:
             with torch.no_grad():
                 mk = alg.model_keys(params)
-                q0 = batched_forward(alg.model, {k: params[k].unsqueeze(0).expand(
+                q0 = forward_tasks(alg.model, {k: params[k].unsqueeze(0).expand(
                     len(tasks), *params[k].shape) for k in mk}, tasks.query_x)
             first, y0 = (alg.loss(q0.flatten(0, 1), qy.flatten(0, 1)), q0), qy
         else:
@@ -463,7 +365,7 @@ class FuncMetaGradient:
         """Outputs [B, N, ...] of B tasks' adapted parameters on their inputs x [B, N, ...]."""
         strategy = self._batched_strategy({k: v[0] for k, v in fast.items()}, x)
         if strategy == "grouped":
-            return batched_forward(self.alg.model, fast, x)
+            return forward_tasks(self.alg.model, fast, x)
         if strategy == "vmap":
             return torch.func.vmap(self._forward_one)(fast, x)
         return torch.stack([self._forward_one({k: v[i] for k, v in fast.items()}, x[i])
@@ -476,7 +378,7 @@ class FuncMetaGradient:
 
     def _grouped_ok(self, params: Params, x: Tensor) -> bool:
         if self._grouped is None:
-            self._grouped = supports_grouped(
+            self._grouped = supports_tasks(
                 self.alg.model, {k: params[k] for k in self.alg.model_keys(params)}, x)
         return self._grouped
 
