@@ -4,7 +4,7 @@
 
 Rows: a loop of ``algorithm.predict`` (what a server without batching does), the same under
 ``torch.func.vmap`` (what ``predict_many`` did before), and
-:func:`metalearn.group_forward.forward_groups` (what ``algorithm.predict_groups`` does now), for
+:func:`metalearn.folded.forward_groups` (what ``algorithm.predict_groups`` does now), for
 G = 1, 4, 8, 16 and 32 groups of ``--images`` 28×28 images (default one); the MAML Omniglot net,
 64 channels, batch statistics per group. Times are medians in ms; the last columns are each
 fast path's largest difference to the loop (they must agree to float rounding). A fourth

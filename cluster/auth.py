@@ -115,7 +115,7 @@ def restore_process(previous: Mapping[str, str | None]) -> None:
 
 def _refresh_ray_caches() -> None:
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # noqa: PLC2701 - no public API
     except ImportError:  # an older Ray without token auth: nothing is cached
         return
     Config.initialize("")

@@ -1,7 +1,8 @@
 """Running requests: alone, or grouped into as few forward passes as leave every answer unchanged.
 
-What may share a pass (:func:`batch_independent`), how large a pass may grow
-(``batch_max_images``, :func:`passes`), and the grouped forward itself (:func:`predict_many`).
+Which requests share a pass (the same model; for batch-statistics models also the same input
+shape: see ``LoadedModel.batch_independent``), how large a pass may grow (``batch_max_images``,
+:func:`passes`), and the grouped forward itself (:func:`predict_many`).
 No Ray here: a model replica's ``@serve.batch`` hands its batch to :func:`predict_many`, and the
 benchmarks call the same functions offline.
 """
@@ -12,20 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:
     from serve.store import LoadedModel
-
-
-def batch_independent(model: nn.Module) -> bool:
-    """Whether one input's output is independent of the other inputs in its batch.
-
-    MAML's BatchNorm keeps no running statistics: it normalises with the statistics of the
-    batch at hand, so stacking two clients' requests into one forward pass would change both
-    answers. Only models without batch normalisation may be concatenated across requests.
-    """
-    return not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
 
 
 @torch.no_grad()
@@ -69,7 +60,7 @@ def predict_many(items: Sequence[tuple[LoadedModel, Tensor]],
     * Batch-statistics models (MAML's nets): requests with the same input shape are stacked
       and run through ``algorithm.predict_groups``, which keeps one set of BatchNorm
       statistics per request while the convolutions run as one large call
-      (:mod:`metalearn.group_forward`; ``vmap`` for other architectures). If that fails,
+      (:mod:`metalearn.folded`; ``vmap`` for other architectures). If that fails,
       requests run one by one.
 
     A pass holds at most ``max_images`` inputs (see :func:`passes`). Either way a batched

@@ -39,13 +39,12 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import checkpoint_dir, checkpoint_path, latest_step, list_checkpoints
 from metalearn.params import Params
 from serve.adapted import ADAPTED_FORMAT, adapted_key, fingerprint, replace_atomically
-from serve.batching import batch_independent
 from serve.errors import UnknownModel
 from serve.signature import ModelSignature
 
@@ -57,6 +56,16 @@ _SITE_FILE = re.compile(r"^site-([a-z0-9][a-z0-9-]{0,40})\.pt$")
 _ADAPTED_FILE = re.compile(r"^(ad-[0-9a-f]{24})\.pt$")
 
 Kind = Literal["meta", "site", "adapted"]
+
+
+def batch_independent(model: nn.Module) -> bool:
+    """Whether one input's output is independent of the other inputs in its batch.
+
+    MAML's BatchNorm keeps no running statistics: it normalises with the statistics of the
+    batch at hand, so stacking two clients' requests into one forward pass would change both
+    answers. Only models without batch normalisation may be concatenated across requests.
+    """
+    return not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
 
 
 @dataclass(frozen=True)
