@@ -174,6 +174,84 @@ AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise")
 ClipNoiseRule.model_rebuild()
 
 
+# --------------------------------------------------------------------------- differential privacy
+
+class AdaptiveClipConfig(_Section):
+    """Adaptive clipping (Andrew et al., 2021): the bound follows a quantile of the units'
+    update norms, estimated each round from a noised count of the units within the bound."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="share of units whose update "
+                                   "should fall within the bound")
+    clip_lr: float = Field(0.2, gt=0, description="step of the geometric update of the bound")
+    count_noise_std: float = Field(gt=0, description="std of the noise on the count of units "
+                                   "within the bound; about expected units per round / 20")
+
+
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg): clipping at the site, Gaussian noise on
+    the sum, and an accountant (docs/PRIVACY.md).
+
+    ``unit`` names what the guarantee protects: all the data of one ``site``, or of one
+    ``device`` (a site's virtual client). Every round clips each unit's update to
+    ``clip_norm`` before it leaves the site; the released sum carries Gaussian noise of std
+    ``noise_multiplier * clip_norm`` (added by the cloud, ``central``, or in shares by the
+    sites, ``distributed``) and is divided by the expected number of units per round.
+    ``sampling`` is how units are picked each round (``fixed``: the run's ``site_fraction`` and
+    ``devices_per_round`` as uniform samples without replacement; ``poisson``: each unit
+    independently with that rate). Every round row records epsilon at ``delta``; with
+    ``target_epsilon`` training stops after the last round within it. ``seed`` is for tests:
+    without it, noise and participants come from the operating system's CSPRNG.
+    """
+
+    unit: Literal["site", "device"] = Field(description="what one guarantee protects")
+    clip_norm: float = Field(gt=0, description="L2 bound C of one unit's update (the initial "
+                             "bound with adaptive clipping)")
+    noise_multiplier: float = Field(gt=0, description="noise std on the sum / clip_norm")
+    delta: float = Field(gt=0, lt=1, description="delta of the reported (epsilon, delta); "
+                         "below 1 / number of units")
+    noise: Literal["central", "distributed"] = "central"
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    accountant: Literal["rdp", "pld"] = "rdp"
+    target_epsilon: float | None = Field(None, gt=0, description="stop before a round that "
+                                         "would take epsilon past this")
+    adaptive_clip: AdaptiveClipConfig | None = None
+    seed: int | None = Field(None, description="tests only: seeded noise and participants "
+                             "instead of the CSPRNG")
+
+
+def check_privacy(fed: FederatedConfig, topology: Any) -> None:
+    """What cannot compose with ``federated.privacy``, each with its reason."""
+    dp = fed.privacy
+    if dp is None:
+        return
+    if fed.aggregator.name != "weighted_mean":
+        raise ValueError(
+            f"federated.privacy replaces the aggregation rule with a noised sum of clipped "
+            f"updates; leave aggregator at weighted_mean (got {fed.aggregator.name!r}): the "
+            "noise is calibrated to a sum's sensitivity, which a median, a trimmed mean or "
+            "another clipping layer does not have")
+    if dp.noise == "distributed" and fed.personalize_episodes > 0:
+        raise ValueError(
+            "federated.privacy.noise distributed trusts the cloud with noised sums only, but "
+            "the personalization report sends each site's held-out scores un-noised; set "
+            "federated.personalize_episodes to 0")
+    if dp.sampling == "fixed" and dp.accountant == "pld":
+        sites = len(topology.sites)
+        sampled = (fed.sites_per_round(sites) < sites if dp.unit == "site" else
+                   any((fed.devices_per_site or s.devices) > (fed.devices_per_round or 1e9)
+                       for s in topology.sites))
+        if sampled:
+            raise ValueError(
+                "the PLD accountant has no event for fixed-size sampling without replacement; "
+                "use accountant: rdp or sampling: poisson")
+    units = (len(topology.sites) if dp.unit == "site"
+             else sum(fed.devices_per_site or s.devices for s in topology.sites))
+    if dp.delta >= 1.0 / units:
+        raise ValueError(
+            f"federated.privacy.delta {dp.delta} is not below 1 / {units} {dp.unit}s: a "
+            "guarantee with such a delta allows releasing one unit's data outright")
+
+
 class FederatedConfig(_Section):
     """Federated meta-training across edge sites (``edgemeta federated``).
 
@@ -214,6 +292,8 @@ class FederatedConfig(_Section):
         None, ge=1, description="testing aid: checkpoint and stop after this round")
     fail_sites: list[str] = Field(default_factory=list,
                                   description="testing aid: these sites raise every round")
+    privacy: PrivacyConfig | None = Field(None, description="client-level differential "
+                                          "privacy (DP-FedAvg); none by default")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -235,6 +315,7 @@ class FederatedConfig(_Section):
                 raise ValueError(f"devices_per_round {self.devices_per_round} exceeds "
                                  f"tasks_per_site {self.tasks_per_site}: some devices would "
                                  "sample no task")
+        check_privacy(self, topology)
         return self
 
     def sites_per_round(self, sites: int) -> int:

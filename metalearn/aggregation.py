@@ -14,8 +14,10 @@ rule instead of one per tensor.
   sites (Yin et al., 2018). They ignore task counts on purpose: weighting would let one site
   that claims many tasks move the result again, which is what robust rules exist to prevent.
 * :class:`ClipAndNoise` — wraps any rule: clip each update to a global L2 norm, aggregate, add
-  Gaussian noise (DP-FedAvg, McMahan et al., 2018). Its noise generator is seeded and its state
-  is checkpointed, so a resumed run draws the same noise as an uninterrupted one.
+  Gaussian noise. Its noise generator is seeded and its state is checkpointed, so a resumed run
+  draws the same noise as an uninterrupted one. It clips at the cloud, after the updates left
+  the sites, with predictable noise and no accountant: no privacy guarantee. The DP mechanism
+  is ``federated.privacy`` (:mod:`privacy.dp`, docs/PRIVACY.md).
 
 Rules are built from the config's ``federated.aggregator`` section (a validated union of one
 model per rule, in :mod:`experiments.config`); their constructors take no defaults of their own.
@@ -147,6 +149,9 @@ def global_norm(tensors: Mapping[str, Tensor] | Tensor) -> float:
 
 class ClipAndNoise(Aggregator):
     """Clip each update to L2 norm ``clip_norm``, aggregate with ``inner``, add Gaussian noise.
+
+    Cloud-side clipping without guarantees (the cloud sees every update unclipped, the noise is
+    seeded, nothing is accounted); client-level DP is ``federated.privacy``.
 
     The noise has standard deviation ``noise_multiplier * clip_norm / n`` per coordinate, ``n``
     being the number of updates: the sensitivity of a mean of ``n`` clipped updates to any one
