@@ -15,8 +15,9 @@ Defaults live in the experiment config alone (:mod:`experiments.config`): every 
 required, so a value can never silently differ between the cloud and a site. What later issues
 add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
 setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
-of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, is), and a field of
-:class:`RoundReply` for what comes back.
+of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, and
+:class:`SitePrivacy`, how a site clips and noises, are), and a field of :class:`RoundReply` for
+what comes back (as the clipping vote is).
 """
 
 from __future__ import annotations
@@ -83,6 +84,38 @@ class Attack:
 
 
 @dataclass(frozen=True)
+class SitePrivacy:
+    """How a site privatizes each round (``federated.privacy``; see ``docs/PRIVACY.md``).
+
+    ``unit``: ``site`` clips the site's one update to ``clip_norm``; ``device`` computes each
+    participating device's update on its own tasks, clips each, and sends their sum. The
+    site's noise share has std ``noise_multiplier_share * C`` (``C``: the round's clipping bound,
+    sent with each call when clipping is adaptive), its vote's share std
+    ``vote_noise_std_share``; both are 0 with central noise, where the cloud adds all of it.
+    ``report_votes``: send the sum of the units' clipping votes (for adaptive clipping, or as a
+    diagnostic to a trusted cloud). ``keep_metrics``: send the un-noised losses and accuracies
+    (not with distributed noise, whose cloud is not trusted with them). ``seed``: tests only;
+    None draws noise from the OS CSPRNG.
+    """
+
+    unit: Literal["site", "device"]
+    clip_norm: float
+    noise_multiplier_share: float
+    vote_noise_std_share: float
+    report_votes: bool
+    keep_metrics: bool
+    seed: int | None
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("site", "device"):
+            raise ValueError(f"privacy unit must be site or device, got {self.unit!r}")
+        if self.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier_share < 0 or self.vote_noise_std_share < 0:
+            raise ValueError(f"noise shares must be >= 0, got {self}")
+
+
+@dataclass(frozen=True)
 class SiteJob:
     """Everything a site needs to take part in a run; sent once, when its actor starts.
 
@@ -102,6 +135,7 @@ class SiteJob:
         fail: test hook: every round raises (from ``federated.fail_sites``).
         attack: ``None`` for an honest site; else how it corrupts its rounds (the topology's
             ``attack`` of the site: robust aggregation is tested against configured attackers).
+        privacy: how the site clips and noises its update (``federated.privacy``), or None.
     """
 
     site: str
@@ -114,6 +148,7 @@ class SiteJob:
     delay_s: float
     fail: bool
     attack: Attack | None
+    privacy: SitePrivacy | None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -137,7 +172,12 @@ class RoundTimings:
 
 @dataclass(frozen=True)
 class RoundReply:
-    """One site's answer to one round."""
+    """One site's answer to one round.
+
+    With ``privacy`` in the job, ``update`` is the clipped sum (plus the site's noise share) and
+    ``clip_vote`` the sum over its units of ``b - 1/2`` (``b = 1`` for a unit whose update was
+    within the bound), plus its noise share; None when the job does not report votes.
+    """
 
     site: str
     round: int
@@ -147,6 +187,7 @@ class RoundReply:
     metrics: Mapping[str, float]
     timings: RoundTimings
     device_ids: tuple[int, ...]
+    clip_vote: float | None
 
     @property
     def bytes_up(self) -> int:

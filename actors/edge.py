@@ -13,6 +13,11 @@ Determinism: the tasks of a round are a pure function of ``(seed, site, device, 
 re-runs the constructor with the same arguments) or a resumed driver gets the same tasks
 for the same round, so :meth:`EdgeNode.sampler_state` only needs to carry a round counter.
 
+Privacy (the job's ``privacy``, :mod:`privacy.dp`): the site clips before anything leaves it,
+per unit (the site's update, or each participating device's own update), sums, and adds its
+share of the noise when the noise is distributed; with distributed noise it sends no
+un-noised metrics.
+
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
 test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
@@ -36,14 +41,16 @@ import numpy as np
 import ray
 import torch
 
-from actors.contract import Attack, RoundReply, RoundTimings, SiteInfo, SiteJob
+from actors.contract import Attack, RoundReply, RoundTimings, SiteInfo, SiteJob, SitePrivacy
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
 from metalearn.from_config import algorithm_from_config
-from metalearn.local_update import local_update
+from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
-from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed
+from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed, split_tasks
+from privacy.dp import release_at_site
+from privacy.noise import GaussianNoise
 
 T = TypeVar("T")
 _POLL_S = 0.02  # how often an injected delay looks for a cancellation
@@ -141,11 +148,14 @@ class EdgeNode:
     # ------------------------------------------------------------------ rounds
 
     def round(self, params: np.ndarray | Params, round_idx: int,
-              device_ids: Sequence[int] | None = None) -> RoundReply:
+              device_ids: Sequence[int] | None = None,
+              clip_norm: float | None = None) -> RoundReply:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
         as a dict. ``device_ids``: the devices taking part (default: all of the site's).
+        ``clip_norm``: this round's clipping bound under privacy (adaptive clipping moves it;
+        default: the job's).
         """
         started_at, t0 = time.time(), time.perf_counter()
         if self.job.fail:
@@ -153,7 +163,12 @@ class EdgeNode:
         devices = (list(range(self.tasks.devices)) if device_ids is None
                    else sorted(int(d) for d in device_ids))
         submitted = time.perf_counter()
-        update, flat, began = self._computed(self._local_update, params, round_idx, devices)
+        vote = None
+        if self.job.privacy is None:
+            update, flat, began = self._computed(self._local_update, params, round_idx, devices)
+        else:
+            update, flat, vote, began = self._computed(self._private_update, self.job.privacy,
+                                                       params, round_idx, devices, clip_norm)
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
@@ -163,7 +178,7 @@ class EdgeNode:
         return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
-                          timings=timings, device_ids=tuple(devices))
+                          timings=timings, device_ids=tuple(devices), clip_vote=vote)
 
     def _local_update(self, params: np.ndarray | Params, round_idx: int,
                       devices: list[int]) -> tuple[MetaUpdate, np.ndarray, float]:
@@ -208,6 +223,35 @@ class EdgeNode:
         else:
             raise ValueError(f"{self.site}: {attack.name!r} is not an update attack")
         return out.to(torch.float32).numpy()
+
+    def _private_update(self, dp: SitePrivacy, params: np.ndarray | Params, round_idx: int,
+                        devices: list[int], clip_norm: float | None,
+                        ) -> tuple[MetaUpdate, np.ndarray, float | None, float]:
+        """The round's update clipped per privacy unit and summed, with the site's noise share
+        (:func:`privacy.dp.release_at_site`); its clipping vote; when the compute began.
+
+        Unit ``device``: each device computes alone on the tasks it draws in the shared round
+        (:func:`metalearn.sites.split_tasks`), so one device's data moves one clipped update.
+        """
+        began = time.perf_counter()
+        params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
+                  else {k: v.detach().clone() for k, v in params.items()})
+        work = self.job.local
+        groups = ([([d], n) for d, n in zip(devices, split_tasks(work.tasks_per_step,
+                                                                 len(devices)), strict=True)]
+                  if dp.unit == "device" else [(devices, work.tasks_per_step)])
+        updates = [local_update(self.algorithm, params, self.tasks.round_sampler(group, round_idx),
+                                n, work.steps, work.lr, work.optimizer)
+                   for group, n in groups if n > 0]
+        bound = dp.clip_norm if clip_norm is None else float(clip_norm)
+        release = release_at_site([self.layout.concat(u.tensors, "update") for u in updates],
+                                  bound, dp.noise_multiplier_share * bound,
+                                  dp.vote_noise_std_share, GaussianNoise(dp.seed), self.site,
+                                  round_idx)
+        metrics = mean_metrics([u.metrics for u in updates]) if dp.keep_metrics else {}
+        summed = MetaUpdate(updates[0].kind, {}, sum(u.num_tasks for u in updates), metrics)
+        flat = release.vector.to(torch.float32).numpy()
+        return summed, flat, (release.vote if dp.report_votes else None), began
 
     def _injected_delay(self) -> None:
         end = time.perf_counter() + self.job.delay_s

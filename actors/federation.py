@@ -119,8 +119,9 @@ class Federation:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, params_ref: Any, round_idx: int, participants: Mapping[str, list[int]],
-                  deadline_s: float | None) -> RoundOutcome:
-        """Call each participant with its devices, wait until all replied or the deadline."""
+                  deadline_s: float | None, clip_norm: float | None = None) -> RoundOutcome:
+        """Call each participant with its devices, wait until all replied or the deadline.
+        ``clip_norm``: the round's clipping bound under privacy (None: the sites' own)."""
         out = RoundOutcome()
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
@@ -134,7 +135,8 @@ class Federation:
                                   "error": f"unreachable since round {self.probes[site][0]}"})
             else:
                 sent_at[site] = time.time()
-                refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices)
+                refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices,
+                                                           clip_norm)
         # Read each reply as it arrives, so that only the last one is read after the wait.
         site_of = {ref: site for site, ref in refs.items()}
         waiting = list(refs.values())
@@ -183,6 +185,7 @@ class Federation:
                           "dispatch_s": t.started_at - sent_at,  # the call's delivery
                           "reply_s": arrived_at - t.finished_at,  # and its reply
                           "num_tasks": reply.num_tasks, "bytes_up": reply.bytes_up,
+                          **({} if reply.clip_vote is None else {"clip_vote": reply.clip_vote}),
                           **reply.metrics})
         return FlatUpdate(reply.kind, self.layout.vector(reply.update), reply.num_tasks)
 

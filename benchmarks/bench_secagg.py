@@ -30,9 +30,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from privacy import MaskingClient, MaskingServer, SecAggConfig, majority_threshold
+from privacy.client import MaskingClient
+from privacy.config import SecAggConfig, majority_threshold
 from privacy.fixed_point import clip_l2
 from privacy.graph import secagg_plus_degree
+from privacy.server import MaskingServer
 
 MAML_CONV_FLOATS = 112_837  # the 4-block 64-channel Omniglot conv net, 5-way
 T = TypeVar("T")

@@ -9,38 +9,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
-from metalearn.aggregation import (
-    Aggregator,
-    Bulyan,
-    ClipAndNoise,
-    CoordinateMedian,
-    Krum,
-    MultiKrum,
-    NormBound,
-    TrimmedMean,
-    WeightedMean,
-)
+from experiments.aggregation_config import AggregatorConfig, WeightedMeanRule
+from experiments.privacy_config import PrivacyConfig
+from experiments.section import Section
 from metalearn.attacks import alie_z_max
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """Which tasks: Omniglot N-way K-shot episodes, or sinusoid regression."""
 
     dataset: Literal["omniglot", "sinusoid"] = "omniglot"
@@ -65,14 +45,14 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"
     channels: int = Field(64, ge=1)
     pooling: Literal["stride", "max"] = "stride"
     hidden: int = Field(40, ge=1)
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet"] = "maml"
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)
@@ -81,7 +61,7 @@ class AlgorithmConfig(_Section):
                                     description="algorithm-specific, e.g. {impl: func}")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     meta_batch: int = Field(32, ge=1)
     steps: int = Field(1000, ge=0)
     outer_lr: float = Field(1e-3, gt=0)
@@ -93,7 +73,7 @@ class TrainConfig(_Section):
     eval_episodes: int = Field(100, ge=1, description="episodes of each intermediate evaluation")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Meta-test protocol. ``ways``/``shots``/``queries`` default to the training episodes'
     (ProtoNet trains on 60-way episodes and tests on 5-way; MAML's sinusoid tests 5-shot)."""
 
@@ -108,124 +88,46 @@ class EvalConfig(_Section):
     seed: int = 1234
 
 
-# --------------------------------------------------------------------------- aggregation rules
-# One model per rule, told apart by ``name``: the config is checked once, and ``build()`` makes
-# the rule (metalearn.aggregation) with the values checked here; the rules have no defaults.
-
-def _known_rule(value: Any) -> Any:
-    """Say which rules exist when ``name`` names none (pydantic's own message lists tags)."""
-    if isinstance(value, dict):
-        value = {"name": "weighted_mean", **value}
-        if value["name"] not in AGGREGATION_RULES:
-            raise ValueError(f"unknown aggregator {value['name']!r}; choose one of "
-                             f"{', '.join(AGGREGATION_RULES)}")
-    return value
-
-
-class WeightedMeanRule(_Section):
-    """FedAvg: the mean weighted by each update's task count."""
-
-    name: Literal["weighted_mean"] = "weighted_mean"
-
-    def build(self) -> Aggregator:
-        return WeightedMean()
-
-
-class MedianRule(_Section):
-    """The coordinate-wise median (ignores task counts)."""
-
-    name: Literal["median"] = "median"
-
-    def build(self) -> Aggregator:
-        return CoordinateMedian()
-
-
-class TrimmedMeanRule(_Section):
-    """Drop the ``floor(trim * n)`` lowest and highest values of each coordinate, average."""
-
-    name: Literal["trimmed_mean"] = "trimmed_mean"
-    trim: float = Field(0.1, description="share trimmed at each end, in [0, 0.5)")
-
-    @field_validator("trim")
-    @classmethod
-    def _trim(cls, value: float) -> float:
-        if not 0.0 <= value < 0.5:
-            raise ValueError(f"trim must be in [0, 0.5), got {value}")
-        return value
-
-    def build(self) -> Aggregator:
-        return TrimmedMean(self.trim)
+def check_privacy(fed: FederatedConfig, topology: Any) -> None:
+    """What cannot compose with ``federated.privacy``, each with its reason."""
+    dp = fed.privacy
+    if dp is None:
+        return
+    if fed.aggregator.name != "weighted_mean":
+        raise ValueError(
+            f"federated.privacy replaces the aggregation rule with a noised sum of clipped "
+            f"updates; leave aggregator at weighted_mean (got {fed.aggregator.name!r}): the "
+            "noise is calibrated to a sum's sensitivity, which a median, a trimmed mean or "
+            "another clipping layer does not have")
+    if topology.attackers:
+        raise ValueError(
+            f"federated.privacy with attacking sites {topology.attackers}: a private site clips "
+            "its honest update before anything leaves it, so the configured attack would never "
+            "be sent; simulate attacks without privacy (robust rules need individual updates, "
+            "which the noised sum does not give either)")
+    if dp.noise == "distributed" and fed.personalize_episodes > 0:
+        raise ValueError(
+            "federated.privacy.noise distributed trusts the cloud with noised sums only, but "
+            "the personalization report sends each site's held-out scores un-noised; set "
+            "federated.personalize_episodes to 0")
+    if dp.sampling == "fixed" and dp.accountant == "pld":
+        sites = len(topology.sites)
+        sampled = (fed.sites_per_round(sites) < sites if dp.unit == "site" else
+                   any((fed.devices_per_site or s.devices) > (fed.devices_per_round or 1e9)
+                       for s in topology.sites))
+        if sampled:
+            raise ValueError(
+                "the PLD accountant has no event for fixed-size sampling without replacement; "
+                "use accountant: rdp or sampling: poisson")
+    units = (len(topology.sites) if dp.unit == "site"
+             else sum(fed.devices_per_site or s.devices for s in topology.sites))
+    if dp.delta >= 1.0 / units:
+        raise ValueError(
+            f"federated.privacy.delta {dp.delta} is not below 1 / {units} {dp.unit}s: a "
+            "guarantee with such a delta allows releasing one unit's data outright")
 
 
-class ClipNoiseRule(_Section):
-    """Clip each update to ``clip_norm``, aggregate with ``inner``, add Gaussian noise."""
-
-    name: Literal["clip_noise"] = "clip_noise"
-    inner: AggregatorConfig = Field(default_factory=WeightedMeanRule)
-    clip_norm: float = Field(gt=0, description="L2 bound of each update")
-    noise_multiplier: float = Field(0.0, ge=0, description="noise std / (clip_norm / n)")
-    seed: int = Field(0, description="seed of the noise generator")
-
-    def build(self) -> Aggregator:
-        return ClipAndNoise(self.inner.build(), self.clip_norm, self.noise_multiplier, self.seed)
-
-
-class KrumRule(_Section):
-    """Krum: the one update closest to its ``n - f - 2`` nearest others; needs n > 2f + 2."""
-
-    name: Literal["krum"] = "krum"
-    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
-
-    def build(self) -> Aggregator:
-        return Krum(self.f)
-
-
-class MultiKrumRule(_Section):
-    """Multi-Krum: the mean of the ``m`` updates of lowest Krum score; needs n > 2f + 2."""
-
-    name: Literal["multi_krum"] = "multi_krum"
-    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
-    m: int | None = Field(None, ge=1, description="updates averaged; null: n - f each round")
-
-    def build(self) -> Aggregator:
-        return MultiKrum(self.f, self.m)
-
-
-class BulyanRule(_Section):
-    """Bulyan over Krum: n - 2f updates by Krum, then per coordinate the n - 4f values closest
-    to the median, averaged; needs n >= 4f + 3."""
-
-    name: Literal["bulyan"] = "bulyan"
-    f: int = Field(1, ge=0, description="Byzantine updates the rule withstands per round")
-
-    def build(self) -> Aggregator:
-        return Bulyan(self.f)
-
-
-class NormBoundRule(_Section):
-    """Clip each update to L2 norm ``max_norm``, then aggregate with ``inner`` (no noise)."""
-
-    name: Literal["norm_bound"] = "norm_bound"
-    inner: AggregatorConfig = Field(default_factory=WeightedMeanRule)
-    max_norm: float = Field(gt=0, description="L2 bound of each update")
-
-    def build(self) -> Aggregator:
-        return NormBound(self.inner.build(), self.max_norm)
-
-
-AggregatorConfig = Annotated[
-    Union[WeightedMeanRule, MedianRule, TrimmedMeanRule, ClipNoiseRule,  # noqa: UP007
-          KrumRule, MultiKrumRule, BulyanRule, NormBoundRule],
-    Field(discriminator="name"),
-    BeforeValidator(_known_rule),
-]
-AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise", "krum",
-                     "multi_krum", "bulyan", "norm_bound")
-ClipNoiseRule.model_rebuild()
-NormBoundRule.model_rebuild()
-
-
-class FederatedConfig(_Section):
+class FederatedConfig(Section):
     """Federated meta-training across edge sites (``edgemeta federated``).
 
     A round is one outer step of the cloud, so the ``train`` section keeps its meaning per
@@ -265,6 +167,8 @@ class FederatedConfig(_Section):
         None, ge=1, description="testing aid: checkpoint and stop after this round")
     fail_sites: list[str] = Field(default_factory=list,
                                   description="testing aid: these sites raise every round")
+    privacy: PrivacyConfig | None = Field(None, description="client-level differential "
+                                          "privacy (DP-FedAvg); none by default")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -288,6 +192,7 @@ class FederatedConfig(_Section):
                 raise ValueError(f"devices_per_round {self.devices_per_round} exceeds "
                                  f"tasks_per_site {self.tasks_per_site}: some devices would "
                                  "sample no task")
+        check_privacy(self, topology)
         return self
 
     def _check_aggregator(self, called: int, sites: int) -> None:
@@ -338,24 +243,24 @@ class FederatedConfig(_Section):
         """The :class:`cluster.topology.Topology` that ``topology`` names."""
         from cluster.topology import load_topology, parse_topology, uniform_topology
 
-        spec = self.topology
-        if isinstance(spec, int):
-            return uniform_topology(spec)
-        if isinstance(spec, dict):
-            if isinstance(spec.get("sites"), int):
-                return uniform_topology(spec["sites"], **{k: v for k, v in spec.items()
+        named = self.topology
+        if isinstance(named, int):
+            return uniform_topology(named)
+        if isinstance(named, dict):
+            if isinstance(named.get("sites"), int):
+                return uniform_topology(named["sites"], **{k: v for k, v in named.items()
                                                            if k != "sites"})
-            return parse_topology(spec, "federated.topology")
-        path = Path(spec)
+            return parse_topology(named, "federated.topology")
+        path = Path(named)
         bundled = Path(__file__).resolve().parents[1] / "cluster" / "topologies"
-        for candidate in (path, bundled / path, bundled / f"{spec}.yaml"):
+        for candidate in (path, bundled / path, bundled / f"{named}.yaml"):
             if candidate.is_file():
                 return load_topology(candidate)
-        raise ValueError(f"topology file {spec!r} does not exist (looked in the working "
+        raise ValueError(f"topology file {named!r} does not exist (looked in the working "
                          f"directory and {bundled})")
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     output_dir: str = "runs"

@@ -21,6 +21,10 @@ Decisions worth knowing:
 * **Quorum.** A round with fewer than ``federated.quorum`` arrived updates makes no outer step
   (recorded as ``skipped``); after ``max_missed_rounds`` such rounds in a row the run fails
   (after writing a checkpoint), since a federation that cannot reach quorum is not training.
+* **Differential privacy** (``federated.privacy``, :mod:`experiments.dp`): sites clip (and
+  with distributed noise add their share of the noise) before replying; the round's aggregate
+  is then the noised sum over the expected number of units instead of the aggregation rule,
+  each row records epsilon, and a target epsilon ends training after the last round within it.
 * **Exact resume.** Tasks are seeded by ``(seed, site, device, round)`` and participants by
   ``(seed, round)``; the checkpoint holds meta-parameters, optimizer and aggregator state. A
   run stopped after round r and resumed ends where an uninterrupted run ends.
@@ -47,6 +51,7 @@ from actors.federation import Federation, RoundOutcome, broadcast
 from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Site, Topology
+from experiments import dp
 from experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -82,6 +87,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     if fed.devices_per_round and fed.devices_per_round > per_site:
         raise ConfigError(f"federated.devices_per_round {fed.devices_per_round} exceeds the "
                           f"{per_site} tasks per site: some devices would sample no task")
+    dp.check_fits(fed, devices, per_site)
     config = cfg.to_dict()  # the run folder's copy is self-contained: the topology in full
     config["federated"]["topology"] = topology.model_dump(mode="json")
     log = RunLog(cfg.run_dir)
@@ -119,6 +125,8 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
                    "train_tasks": int(sum(r.get("round_tasks", 0) for r in log.rows)),
                    "federated": federated_summary(log.rows, cloud.site_log.rows, personal, fed,
                                                   topology, per_site)}
+        if cloud.privacy is not None:
+            summary["privacy"] = cloud.privacy.summary(loop.step)
         log.write_summary(summary)
         from experiments.plots import write_federated_plots  # matplotlib: only now
 
@@ -138,6 +146,9 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                   resume: bool, echo: Printer) -> RunLoop:
     """The rounds, resumed from the latest checkpoint; returns the loop (where it stopped)."""
     fed, rounds = federated_section(cfg), cfg.train.steps
+    if cloud.privacy is not None:  # a target epsilon may allow fewer rounds
+        rounds = cloud.privacy.rounds
+        echo(cloud.privacy.describe())
     with RunLoop(cfg.run_dir, unit="round", total=rounds, echo=echo,
                  checkpoint_every=cfg.train.checkpoint_every,
                  time_budget_s=cfg.train.time_budget_s,
@@ -151,6 +162,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
             save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
             log.flush()
             cloud.site_log.flush()
+            if cloud.privacy is not None:
+                cloud.privacy.write(cfg.run_dir, loop.step)
 
         for round_idx in loop.steps(save=checkpoint):
             t0 = time.perf_counter()
@@ -171,6 +184,10 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                 checkpoint()
                 raise RuntimeError(f"{cloud.missed} rounds in a row below quorum {fed.quorum}; "
                                    f"last errors: {trouble}")
+    if cloud.privacy is not None and cloud.privacy.stops_early and loop.step == rounds:
+        echo(f"privacy budget: stopped after round {rounds} of {cfg.train.steps} (epsilon "
+             f"{cloud.privacy.epsilon(rounds):.3f}; one more round would exceed the target "
+             f"{cloud.privacy.dp.target_epsilon:g} at delta {cloud.privacy.dp.delta:g})")
     return loop
 
 
@@ -182,17 +199,22 @@ def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapp
     params_ref = broadcast(cloud.outer.flat_params().to(torch.float32).numpy(),
                            len(participants))
     t_sent = time.perf_counter()
-    outcome = cloud.federation.run_round(params_ref, round_idx, participants, fed.deadline_s)
+    clip = None if cloud.privacy is None else cloud.privacy.clip_norm
+    outcome = cloud.federation.run_round(params_ref, round_idx, participants, fed.deadline_s,
+                                         clip)
     t_back = t_aggregated = time.perf_counter()
     skipped = len(outcome.updates) < fed.quorum
     if not skipped:
-        aggregated = cloud.aggregator.aggregate(outcome.updates)
+        aggregated = (cloud.aggregator.aggregate(outcome.updates) if cloud.privacy is None
+                      else cloud.privacy.release(outcome, participants, round_idx))
         t_aggregated = time.perf_counter()
         cloud.outer.step_flat(aggregated, outcome.updates[0].kind)
     t_end = time.perf_counter()
     row = round_row(round_idx, outcome, cloud.param_bytes, list(devices), wall_s=t_end - t0)
     row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
                outer_step_s=t_end - t_aggregated, skipped=skipped)
+    if cloud.privacy is not None and clip is not None:
+        row.update(cloud.privacy.round_fields(round_idx, clip, len(outcome.updates)))
     return row, outcome
 
 
@@ -209,12 +231,14 @@ class Cloud:
     site_log: RowTable
     param_bytes: int
     missed: int = 0
+    privacy: dp.CloudPrivacy | None = None
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
               per_site: int, echo: Printer) -> Cloud:
         """Initial meta-parameters, the sites' partitions, and one started actor per site."""
         fed = federated_section(cfg)
+        privacy = dp.CloudPrivacy.start(fed, devices, cfg.train.steps)  # budget errors first
         torch.manual_seed(cfg.seed)
         outer = OuterOptimizer(algorithm_from_config(cfg.to_dict()).init_params(),
                                lr=cfg.train.outer_lr, kind=cfg.train.outer_optimizer)
@@ -227,17 +251,24 @@ class Cloud:
                                       {s.name: s.actor_cpus for s in topology.sites},
                                       outer.layout, echo)
         return cls(outer, fed.aggregator.build(), federation, topology,
-                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params))
+                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), privacy=privacy)
 
     def state(self) -> dict[str, Any]:
         return {"outer": self.outer.state_dict(), "params": self.outer.params,
                 "aggregator": self.aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
-                "missed": self.missed, "sites": self.federation.sampler_states()}
+                "missed": self.missed, "sites": self.federation.sampler_states(),
+                **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def restore(self, state: Mapping[str, Any], round_idx: int) -> None:
         """The rest of a checkpoint (the loop restored the parameters and optimizer)."""
         self.aggregator.load_state_dict(state["aggregator"])
         self.missed = int(state["missed"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy"))
+        elif "privacy" in state:
+            raise ConfigError("the latest checkpoint was trained with federated.privacy; going "
+                              "on without it would void the guarantee its privacy.json states: "
+                              "start afresh (--fresh) or keep the privacy section")
         self.federation.load_sampler_states(state["sites"])
         self.site_log.truncate_to(round_idx, key="round")
 
@@ -264,30 +295,35 @@ def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Map
     learner = {k: config[k] for k in ("data", "model", "algorithm")}
     work = LocalWork(steps=fed.local_steps, lr=fed.local_lr, optimizer=fed.local_optimizer,
                      tasks_per_step=per_site)
+    privacy = dp.site_privacy(fed, devices)
     return {s.name: SiteJob(site=s.name, learner=learner, data_plan=plans[s.name], local=work,
                             devices=devices[s.name], seed=cfg.seed,
                             compute_nice=s.compute_nice, delay_s=s.delay_s,
-                            fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology))
+                            fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology),
+                            privacy=privacy)
             for s in topology.sites}
 
 
 def site_attack(site: Site, fed: FederatedConfig, topology: Topology) -> Attack | None:
     """The topology's attack of ``site`` as the site is told it: every value resolved (an
     ``alie`` without ``z`` gets Baruch et al.'s ``z_max`` for this federation)."""
-    spec = site.attack
-    if spec is None:
+    configured = site.attack
+    if configured is None:
         return None
-    values = spec.model_dump()
-    if spec.name == "alie" and values["z"] is None:
+    values = configured.model_dump()
+    if configured.name == "alie" and values["z"] is None:
         values["z"] = fed.alie_z(topology)
-    return Attack(name=spec.name, factor=float(values.get("factor", 0.0)),
+    return Attack(name=configured.name, factor=float(values.get("factor", 0.0)),
                   sigma=float(values.get("sigma", 0.0)), z=float(values.get("z", 0.0)),
                   samples=int(values.get("samples", 0)))
 
 
 def choose_participants(sites: Sequence[str], devices: Mapping[str, int], fed: FederatedConfig,
                         seed: int, round_idx: int) -> dict[str, list[int]]:
-    """Sites called in ``round_idx`` and the devices each uses, seeded by ``(seed, round)``."""
+    """Sites called in ``round_idx`` and the devices each uses, seeded by ``(seed, round)``
+    (under privacy: :func:`experiments.dp.choose`, secret, and Poisson if asked)."""
+    if fed.privacy is not None:
+        return dp.choose(sites, devices, fed, round_idx)
     rng = np.random.default_rng([seed, round_idx])
     k = fed.sites_per_round(len(sites))
     chosen = sorted(rng.choice(len(sites), size=k, replace=False).tolist())

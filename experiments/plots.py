@@ -45,7 +45,8 @@ def learning_curve(metrics: pd.DataFrame, path: str | Path, x: str = "step") -> 
         ax.set_xlabel(x)
         ax.set_ylabel("query accuracy" if name == "acc" else "query loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # none when sites send no metrics (DP)
+            ax.legend()
     axes[0][0].set_title("meta-training (task-weighted over sites)" if x == "round"
                          else "meta-training")
     return _save(fig, path)

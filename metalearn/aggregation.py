@@ -24,8 +24,10 @@ rule instead of one per tensor.
   al., 2019): a scaled (model-replacement) update can then move the result no more than an
   honest one of the bound's norm.
 * :class:`ClipAndNoise` — wraps any rule: clip each update to a global L2 norm, aggregate, add
-  Gaussian noise (DP-FedAvg, McMahan et al., 2018). Its noise generator is seeded and its state
-  is checkpointed, so a resumed run draws the same noise as an uninterrupted one.
+  Gaussian noise. Its noise generator is seeded and its state is checkpointed, so a resumed run
+  draws the same noise as an uninterrupted one. It clips at the cloud, after the updates left
+  the sites, with predictable noise and no accountant: no privacy guarantee. The DP mechanism
+  is ``federated.privacy`` (:mod:`privacy.dp`, docs/PRIVACY.md).
 
 Every rule but :class:`WeightedMean` looks at each update on its own, so it needs the updates
 individually (``needs_individual_updates``): secure aggregation, where the cloud only sees their
@@ -357,6 +359,9 @@ class NormBound(Aggregator):
 
 class ClipAndNoise(Aggregator):
     """Clip each update to L2 norm ``clip_norm``, aggregate with ``inner``, add Gaussian noise.
+
+    Cloud-side clipping without guarantees (the cloud sees every update unclipped, the noise is
+    seeded, nothing is accounted); client-level DP is ``federated.privacy``.
 
     The noise has standard deviation ``noise_multiplier * clip_norm / n`` per coordinate, ``n``
     being the number of updates: the sensitivity of a mean of ``n`` clipped updates to any one

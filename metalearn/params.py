@@ -71,7 +71,7 @@ class FlatLayout:
     Why: a dict of tensors costs the object store one pickled tensor per key each way, while
     one numpy vector is read in place (zero-copy) by every worker on a node. Measured on the
     4-site Omniglot round: the payload dominated the round's overhead (docs/BENCHMARKS.md).
-    Both ends build the layout from the same spec, so names, order and shapes agree.
+    Both ends build the layout from the same config, so names, order and shapes agree.
     """
 
     names: tuple[str, ...]

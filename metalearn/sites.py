@@ -95,6 +95,14 @@ def plan_sites(data: Mapping[str, Any], sites: Sequence[str], seed: int,
     return plans
 
 
+def split_tasks(n: int, devices: int) -> list[int]:
+    """How ``n`` tasks of a round split over ``devices`` sorted devices: as evenly as possible,
+    the first ones one more when ``n`` does not divide (what :meth:`SiteTasks.round_sampler`
+    draws, and what a device computes alone under device-level privacy)."""
+    base, extra = divmod(int(n), int(devices))
+    return [base + (i < extra) for i in range(int(devices))]
+
+
 class SiteTasks:
     """The task source of one site: its devices' partitions and their per-round samplers.
 
@@ -158,8 +166,7 @@ class SiteTasks:
         samplers = [self.sampler(d, round_idx) for d in device_ids]
 
         def sample(n: int) -> TaskBatch:
-            base, extra = divmod(n, len(samplers))
-            counts = [base + (i < extra) for i in range(len(samplers))]
+            counts = split_tasks(n, len(samplers))
             return TaskBatch.cat([s.sample(c) for s, c in zip(samplers, counts, strict=True)
                                   if c > 0])
 

@@ -1,7 +1,7 @@
-"""Privacy of the sites' updates: secure aggregation (Bonawitz et al., 2017; SecAgg+ graph of
-Bell et al., 2020), pure Python + numpy + ``cryptography``, nothing of Ray or torch.
+"""Privacy of the sites' contributions, with nothing of Ray.
 
-The cloud learns only the sum of the participating sites' updates. Modules, one idea each:
+Secure aggregation (Bonawitz et al., 2017; SecAgg+ graph of Bell et al., 2020), pure Python +
+numpy + ``cryptography``: the cloud learns only the sum of the participating sites' updates.
 
 * :mod:`privacy.fixed_point` — floats into the ring Z_{2^k}, scaled by the clip bound and the
   number of participants so that a sum cannot wrap; documented error bound.
@@ -14,12 +14,11 @@ The cloud learns only the sum of the participating sites' updates. Modules, one 
   its messages, its failures.
 * :mod:`privacy.client` (:class:`MaskingClient`, a site) and :mod:`privacy.server`
   (:class:`MaskingServer`, the cloud) — the protocol's four steps on each side.
+
+Differential privacy (DP-FedAvg, client level), in torch: :mod:`privacy.noise` (Gaussian noise
+from a cryptographically secure source), :mod:`privacy.dp` (clipping at the site, the noised
+sum with a fixed denominator at the cloud, adaptive clipping) and :mod:`privacy.accounting`
+(epsilon over rounds with ``dp-accounting``). Threat models: ``docs/PRIVACY.md``.
+
+Nothing is imported here: an edge that only clips and noises does not load ``cryptography``.
 """
-
-from privacy.client import MaskingClient
-from privacy.config import SecAggConfig, majority_threshold
-from privacy.errors import ProtocolError, SecAggAbort, SecAggError
-from privacy.server import MaskingServer, SecAggResult
-
-__all__ = ["MaskingClient", "MaskingServer", "ProtocolError", "SecAggAbort", "SecAggConfig",
-           "SecAggError", "SecAggResult", "majority_threshold"]

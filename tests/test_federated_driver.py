@@ -129,7 +129,7 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, capsys) -> N
 
 
 def test_bundled_federated_configs_validate() -> None:
-    for name in ("federated_omniglot_4sites", "federated_sinusoid"):
+    for name in ("federated_omniglot_4sites", "federated_sinusoid", "federated_sinusoid_dp"):
         cfg = load_config(CONFIG_DIR / f"{name}.yaml")
         assert cfg.federated is not None
         assert len(cfg.federated.resolved_topology().sites) >= 2

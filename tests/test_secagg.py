@@ -11,20 +11,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from privacy import (
-    MaskingClient,
-    MaskingServer,
-    ProtocolError,
-    SecAggAbort,
-    SecAggConfig,
-    SecAggResult,
-    majority_threshold,
-)
+from privacy.client import MaskingClient
+from privacy.config import SecAggConfig, majority_threshold
+from privacy.errors import ProtocolError, SecAggAbort
 from privacy.fixed_point import FixedPoint, Ring, clip_l2
 from privacy.graph import neighbour_graph, secagg_plus_degree
 from privacy.keys import load_private, pair_mask_key, self_mask_key
 from privacy.messages import MaskedInput, SealedShares, ShareDelivery, UnmaskRequest
 from privacy.prg import MaskStream
+from privacy.server import MaskingServer, SecAggResult
 from privacy.shamir import PRIME, Share, evaluate, interpolate, reconstruct, split
 
 
