@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=300)
     args = p.parse_args(argv)
-    spec = ModelSignature("classification", "omniglot", "maml", 5)
+    signature = ModelSignature("classification", "omniglot", "maml", 5)
     print("| images a request | body bytes, JSON | body bytes, packed | JSON µs | packed µs "
           "| JSON / packed |")
     print("|---|---|---|---|---|---|")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def read(body: bytes) -> torch.Tensor:
             req = PredictRequest.model_validate(json.loads(body))
-            return spec.read(req.inputs, req.inputs_b64, 4096)
+            return signature.read(req.inputs, req.inputs_b64, 4096)
 
         assert torch.allclose(read(bodies["json"]), read(bodies["packed"]), atol=1e-6)
         times: dict[str, list[float]] = {k: [] for k in bodies}
