@@ -1,11 +1,16 @@
 # The two entry points of the README: `make demo` and `make test`.
-# Both create (or reuse) .venv and install what they need; torch's CPU wheel is pinned first so
-# that `higher` (which asks for an unversioned torch) cannot pull a multi-GB CUDA build.
+# Both create (or reuse) .venv and install what they need; torch is pinned and installed first so
+# that `higher` (which asks for an unversioned torch) cannot pull another build (see TORCH_INDEX).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
+# Where torch comes from. Empty (the default): pip's configured indexes, i.e. PyPI's build (CUDA on
+# Linux x86-64) unless a local wheel cache provides another (as on the CI machines, whose cache
+# holds the CPU build). https://download.pytorch.org/whl/cpu: the CPU build, everywhere;
+# https://download.pytorch.org/whl/cu128 (or another CUDA tag): that CUDA build.
+TORCH_INDEX ?=
 DATA_DIR ?= $(abspath ../shared/data)
 export RAY_USAGE_STATS_ENABLED := 0
 export EDGEMETA_DATA_DIR ?= $(DATA_DIR)
@@ -22,7 +27,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
