@@ -15,9 +15,12 @@ Defaults live in the experiment config alone (:mod:`experiments.config`): every 
 required, so a value can never silently differ between the cloud and a site. What later issues
 add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
 setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
-of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, and
-:class:`SitePrivacy`, how a site clips and noises, are), and a field of :class:`RoundReply` for
-what comes back (as the clipping vote is).
+of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, :class:`SitePrivacy`,
+how a site clips and noises, and :class:`SecAggJob`, how it masks, are), and a field of
+:class:`RoundReply` for what comes back (as the clipping vote and the masked input are).
+
+Under secure aggregation the round has three more exchanges (advertise keys, share keys,
+unmask), whose messages are :mod:`privacy.messages`' own frozen values: they cross as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from privacy.config import SecAggConfig
+from privacy.messages import MaskedInput
 
 UpdateKind = Literal["gradient", "delta"]
 AttackName = Literal["sign_flip", "scale", "gaussian", "alie", "label_flip"]
@@ -116,6 +122,27 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class SecAggJob:
+    """How a site takes part in secure aggregation (``federated.secure_aggregation``).
+
+    ``config``: the settings every party of a round shares (``dim`` the parameter count,
+    ``max_participants`` the number of sites, ``threshold``, ``neighbours``, ``bits``); its
+    ``clip`` is the run's first bound: the bound of each round travels with the round's first
+    call (``secagg_advertise``), because adaptive clipping under privacy moves it.
+    ``site_id``: the site's id in every round (its index in the sorted topology, plus one; it is
+    also its Shamir x coordinate), fixed for the run.
+    """
+
+    config: SecAggConfig
+    site_id: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.site_id <= self.config.max_participants:
+            raise ValueError(f"secure aggregation site id must be in [1, "
+                             f"{self.config.max_participants}], got {self.site_id}")
+
+
+@dataclass(frozen=True)
 class SiteJob:
     """Everything a site needs to take part in a run; sent once, when its actor starts.
 
@@ -136,6 +163,7 @@ class SiteJob:
         attack: ``None`` for an honest site; else how it corrupts its rounds (the topology's
             ``attack`` of the site: robust aggregation is tested against configured attackers).
         privacy: how the site clips and noises its update (``federated.privacy``), or None.
+        secagg: how the site masks its update (``federated.secure_aggregation``), or None.
     """
 
     site: str
@@ -149,6 +177,7 @@ class SiteJob:
     fail: bool
     attack: Attack | None
     privacy: SitePrivacy | None
+    secagg: SecAggJob | None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -177,6 +206,10 @@ class RoundReply:
     With ``privacy`` in the job, ``update`` is the clipped sum (plus the site's noise share) and
     ``clip_vote`` the sum over its units of ``b - 1/2`` (``b = 1`` for a unit whose update was
     within the bound), plus its noise share; None when the job does not report votes.
+
+    With ``secagg`` in the job, ``update`` is empty (float32, length 0) and ``masked`` carries
+    the update, clipped at the site, encoded in the ring and masked: uniformly random on its
+    own. The cloud never holds the update itself. Without it, ``masked`` is None.
     """
 
     site: str
@@ -188,10 +221,12 @@ class RoundReply:
     timings: RoundTimings
     device_ids: tuple[int, ...]
     clip_vote: float | None
+    masked: MaskedInput | None
 
     @property
     def bytes_up(self) -> int:
-        return int(self.update.nbytes)
+        """The update's payload: the float32 vector, or the masked ring vector (and its id)."""
+        return int(self.update.nbytes) if self.masked is None else self.masked.nbytes
 
 
 @dataclass(frozen=True)

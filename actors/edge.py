@@ -18,6 +18,16 @@ per unit (the site's update, or each participating device's own update), sums, a
 share of the noise when the noise is distributed; with distributed noise it sends no
 un-noised metrics.
 
+Secure aggregation (the job's ``secagg``, :mod:`privacy.client`): a round has three more calls
+around :meth:`EdgeNode.round`. :meth:`EdgeNode.secagg_advertise` makes the round's
+:class:`~privacy.client.MaskingClient` (fresh keys) and returns its public keys;
+:meth:`EdgeNode.secagg_share` returns its sealed shares for the roster the cloud sent;
+:meth:`EdgeNode.round`, given the shares routed to this site, computes the update, clips it to
+the round's bound *here* (:func:`privacy.fixed_point.clip_l2`) and returns it masked, never in
+clear; :meth:`EdgeNode.secagg_unmask` answers the cloud's unmasking request once and forgets
+the client. The client lives in the actor's memory only: a restarted actor has lost it and
+counts as dropped for that round (:class:`SecAggClientLost`).
+
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
 test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
@@ -35,13 +45,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
 import ray
 import torch
 
-from actors.contract import Attack, RoundReply, RoundTimings, SiteInfo, SiteJob, SitePrivacy
+from actors.contract import (
+    Attack,
+    RoundReply,
+    RoundTimings,
+    SecAggJob,
+    SiteInfo,
+    SiteJob,
+    SitePrivacy,
+)
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
@@ -49,7 +68,18 @@ from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
 from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed, split_tasks
+from privacy.client import MaskingClient
 from privacy.dp import release_at_site
+from privacy.fixed_point import clip_l2
+from privacy.messages import (
+    KeyAdvert,
+    KeyRoster,
+    MaskedInput,
+    ShareBundle,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from privacy.noise import GaussianNoise
 
 T = TypeVar("T")
@@ -79,6 +109,12 @@ class RoundCancelled(RuntimeError):
     """The driver cancelled a round that was past its deadline; its result is moot."""
 
 
+class SecAggClientLost(RuntimeError):
+    """The site holds no secure-aggregation client for the round it was asked about: its actor
+    restarted since it advertised keys (the keys lived in memory only), or the round is over.
+    The cloud counts the site as dropped; the round goes on without it."""
+
+
 class EdgeNode:
     """The work of one edge site (used as a Ray actor through :func:`spawn_edge`).
 
@@ -106,6 +142,7 @@ class EdgeNode:
                                seed=job.seed)
         self.rounds_done = 0
         self.last_round = 0
+        self._masking: MaskingClient | None = None  # this round's, under secure aggregation
         t0 = time.perf_counter()
         data = job.learner["data"]
         if data["dataset"] == "omniglot":  # load now: round 1 times compute only
@@ -148,18 +185,25 @@ class EdgeNode:
     # ------------------------------------------------------------------ rounds
 
     def round(self, params: np.ndarray | Params, round_idx: int,
-              device_ids: Sequence[int] | None = None,
-              clip_norm: float | None = None) -> RoundReply:
+              device_ids: Sequence[int] | None = None, clip_norm: float | None = None,
+              delivery: ShareDelivery | None = None) -> RoundReply:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
         as a dict. ``device_ids``: the devices taking part (default: all of the site's).
         ``clip_norm``: this round's clipping bound under privacy (adaptive clipping moves it;
-        default: the job's).
+        default: the job's). ``delivery``: under secure aggregation, the shares the cloud
+        routed to this site (required then): the update goes back masked.
         """
         started_at, t0 = time.time(), time.perf_counter()
         if self.job.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
+        client = None
+        if self.job.secagg is not None:
+            if delivery is None:
+                raise ValueError(f"{self.site}: secure aggregation is on, and the round call "
+                                 "brought no share delivery")
+            client = self._client(round_idx)
         devices = (list(range(self.tasks.devices)) if device_ids is None
                    else sorted(int(d) for d in device_ids))
         submitted = time.perf_counter()
@@ -169,6 +213,10 @@ class EdgeNode:
         else:
             update, flat, vote, began = self._computed(self._private_update, self.job.privacy,
                                                        params, round_idx, devices, clip_norm)
+        masked = None
+        if client is not None and delivery is not None:
+            masked = self._computed(self._masked, client, flat, delivery)
+            flat = np.zeros(0, dtype=np.float32)  # the update never leaves in clear
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
@@ -178,7 +226,55 @@ class EdgeNode:
         return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
-                          timings=timings, device_ids=tuple(devices), clip_vote=vote)
+                          timings=timings, device_ids=tuple(devices), clip_vote=vote,
+                          masked=masked)
+
+    # ------------------------------------------------------------------ secure aggregation
+
+    def secagg_advertise(self, round_idx: int, clip: float) -> KeyAdvert:
+        """Step 1 of a secure round: a fresh client (fresh keys) for ``round_idx``, masking
+        updates clipped to ``clip`` (the round's bound, the same at every party); its public
+        keys. Any client of an earlier round is forgotten."""
+        job = self._secagg_job()
+        config = replace(job.config, clip=float(clip))
+        self._masking = None
+        self._masking = MaskingClient(job.site_id, config, int(round_idx))
+        return self._masking.advertise_keys()
+
+    def secagg_share(self, roster: KeyRoster) -> ShareBundle:
+        """Step 2: this site's sealed shares for its neighbours among ``roster``."""
+        return self._client(roster.round).share_keys(roster)
+
+    def secagg_unmask(self, round_idx: int, request: UnmaskRequest) -> UnmaskResponse:
+        """Step 4: the shares the cloud asks for (of the survivors' self-mask seeds and the
+        dropped sites' mask keys), once; then the round's client is forgotten."""
+        client = self._client(round_idx)
+        try:
+            return client.unmask(request)
+        finally:
+            self._masking = None
+
+    def _secagg_job(self) -> SecAggJob:
+        if self.job.secagg is None:
+            raise RuntimeError(f"{self.site}: secure aggregation is not on in this run")
+        return self.job.secagg
+
+    def _client(self, round_idx: int) -> MaskingClient:
+        self._secagg_job()
+        client = self._masking
+        if client is None or client.round != int(round_idx):
+            held = "none" if client is None else f"round {client.round}'s"
+            raise SecAggClientLost(f"{self.site}: no secure-aggregation keys for round "
+                                   f"{round_idx} (holds {held}; an actor that restarted lost "
+                                   "them): dropped from the round")
+        return client
+
+    @staticmethod
+    def _masked(client: MaskingClient, flat: np.ndarray, delivery: ShareDelivery) -> MaskedInput:
+        """The update clipped to the round's bound at the site, encoded and masked. Under
+        privacy the update is already clipped (and noised); this bound covers it, and the clip
+        here is then a no-op (docs/DESIGN.md, "Secure aggregation")."""
+        return client.masked_input(clip_l2(flat, client.config.clip), delivery)
 
     def _local_update(self, params: np.ndarray | Params, round_idx: int,
                       devices: list[int]) -> tuple[MetaUpdate, np.ndarray, float]:

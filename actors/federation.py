@@ -16,13 +16,16 @@ Decisions worth knowing:
 * **Reads overlap the wait.** Each reply is read as it arrives (``ray.wait(num_returns=1)``
   until the deadline); updates are returned in participant order, so the aggregate's float
   sums do not depend on arrival order.
+* **Any call, the same rules.** :meth:`Federation.call_sites` calls one method on several sites
+  and keeps what arrives before a deadline, with the same busy / down / late bookkeeping as a
+  round: the key exchanges of secure aggregation (:mod:`actors.secure_round`) use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,7 @@ from actors.edge import spawn_edge
 from cluster.console import Printer
 from metalearn.aggregation import FlatUpdate
 from metalearn.params import FlatLayout, Params
+from privacy.messages import MaskedInput, ShareDelivery
 
 STARTUP_TIMEOUT_S = 180.0
 INLINE_BROADCAST_BYTES = 4 * 1024 * 1024
@@ -63,16 +67,42 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
+def raised(err: BaseException) -> BaseException:
+    """What the site itself raised, when Ray wrapped it (``RayTaskError.cause``)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
 @dataclass
 class RoundOutcome:
-    """What came back from one round: updates that may be applied, and a row per site."""
+    """What came back from one round: updates that may be applied (or, under secure
+    aggregation, masked inputs), a row per site, and what failed calls raised (Ray's wrapper
+    removed)."""
 
     updates: list[FlatUpdate] = field(default_factory=list)
     sites: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    masked: list[MaskedInput] = field(default_factory=list)
+    errors: dict[str, BaseException] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.sites if s["status"] == status)
+
+
+@dataclass
+class StepOutcome:
+    """What came back from one call to several sites (a step of secure aggregation).
+
+    ``results``: each answer that arrived before the deadline, in the order the sites were
+    given. ``rows``: for every other site, why not (``busy``, ``down``, ``late``, ``failed``,
+    with ``error``). ``errors``: what a failed call raised (Ray's wrapper removed), so that the
+    caller can tell a dropout from a protocol violation.
+    """
+
+    results: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    wall_s: float = 0.0
 
 
 class Federation:
@@ -81,7 +111,8 @@ class Federation:
     A site whose actor is unreachable (its node died, the actor is restarting) is *down*: it
     is not called again (a call to a restarting actor takes Ray over a second to refuse) but
     probed with a cheap ``info()`` call that each round checks without waiting; once a probe
-    answers, the site is called again.
+    answers, the site is called again. A call of any kind that misses its deadline is
+    cancelled and leaves its site *busy* until it ends.
     """
 
     def __init__(self, edges: Mapping[str, Any], layout: FlatLayout) -> None:
@@ -119,62 +150,124 @@ class Federation:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, params_ref: Any, round_idx: int, participants: Mapping[str, list[int]],
-                  deadline_s: float | None, clip_norm: float | None = None) -> RoundOutcome:
+                  deadline_s: float | None, clip_norm: float | None = None,
+                  deliveries: Mapping[str, ShareDelivery] | None = None) -> RoundOutcome:
         """Call each participant with its devices, wait until all replied or the deadline.
-        ``clip_norm``: the round's clipping bound under privacy (None: the sites' own)."""
+        ``clip_norm``: the round's clipping bound under privacy (None: the sites' own).
+        ``deliveries``: under secure aggregation, the shares routed to each participant; the
+        replies then bring masked inputs (``RoundOutcome.masked``), never updates."""
         out = RoundOutcome()
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
         sent_at: dict[str, float] = {}
         for site, devices in participants.items():
-            if self._busy(site):
-                out.sites.append({"site": site, "status": "busy",
-                                  "error": f"still running round {self.pending[site][0]}"})
-            elif self._down(site):
-                out.sites.append({"site": site, "status": "down",
-                                  "error": f"unreachable since round {self.probes[site][0]}"})
-            else:
-                sent_at[site] = time.time()
-                refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices,
-                                                           clip_norm)
-        # Read each reply as it arrives, so that only the last one is read after the wait.
+            row = self._unavailable(site)
+            if row is not None:
+                out.sites.append(row)
+                continue
+            sent_at[site] = time.time()
+            extra = () if deliveries is None else (deliveries[site],)
+            refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices,
+                                                       clip_norm, *extra)
+        arrived: dict[str, FlatUpdate | MaskedInput] = {}
+
+        def read(site: str, ref: Any, arrived_at: float) -> None:
+            got = self._read(site, ref, round_idx, len(participants[site]), out,
+                             sent_at[site], arrived_at)
+            if got is not None:
+                arrived[site] = got
+
+        for site in self._collect(refs, round_idx, t0, deadline_s, read):
+            out.sites.append({"site": site, "devices": len(participants[site]),
+                              "status": "late", "error": f"past {deadline_s} s"})
+        # Participant order, not arrival order: the aggregate's float sums are reproducible.
+        ordered = [arrived[site] for site in participants if site in arrived]
+        out.updates = [u for u in ordered if isinstance(u, FlatUpdate)]
+        out.masked = [m for m in ordered if isinstance(m, MaskedInput)]
+        out.wall_s = time.perf_counter() - t0
+        out.sites.sort(key=lambda row: row["site"])
+        return out
+
+    def call_sites(self, method: str, args: Mapping[str, tuple[Any, ...]], round_idx: int,
+                   deadline_s: float | None) -> StepOutcome:
+        """Call ``method`` on each site of ``args`` with its arguments and keep what arrives
+        before the deadline: the generic step of secure aggregation. Busy and down sites are
+        not called; late calls are cancelled (their site is busy until they end); a site whose
+        actor is gone is marked down, as in a round."""
+        out = StepOutcome()
+        t0 = time.perf_counter()
+        refs: dict[str, Any] = {}
+        for site, site_args in args.items():
+            row = self._unavailable(site)
+            if row is not None:
+                out.rows[site] = row
+                continue
+            refs[site] = getattr(self.edges[site], method).remote(*site_args)
+        arrived: dict[str, Any] = {}
+
+        def read(site: str, ref: Any, arrived_at: float) -> None:
+            try:
+                arrived[site] = ray.get(ref)
+            except Exception as err:  # the site raised, or its actor or node is gone
+                out.errors[site] = raised(err)
+                out.rows[site] = {"site": site, "status": "failed", "error": error_text(err)}
+                self._note_gone(site, err, round_idx)
+
+        for site in self._collect(refs, round_idx, t0, deadline_s, read):
+            out.rows[site] = {"site": site, "status": "late", "error": f"past {deadline_s} s"}
+        out.results = {site: arrived[site] for site in args if site in arrived}
+        out.wall_s = time.perf_counter() - t0
+        return out
+
+    def _unavailable(self, site: str) -> dict[str, Any] | None:
+        """The row of a site that cannot be called now (busy with a late call, or down)."""
+        if self._busy(site):
+            return {"site": site, "status": "busy",
+                    "error": f"still running round {self.pending[site][0]}"}
+        if self._down(site):
+            return {"site": site, "status": "down",
+                    "error": f"unreachable since round {self.probes[site][0]}"}
+        return None
+
+    def _collect(self, refs: Mapping[str, Any], round_idx: int, t0: float,
+                 deadline_s: float | None, read: Callable[[str, Any, float], None]) -> list[str]:
+        """``read(site, ref, arrived_at)`` for each call as it finishes (only the last one is
+        read after the wait) until all are in or ``deadline_s`` after ``t0``; the late calls
+        are cancelled and their sites marked busy. Returns the late sites."""
         site_of = {ref: site for site, ref in refs.items()}
         waiting = list(refs.values())
-        arrived: dict[str, FlatUpdate] = {}
         end = None if deadline_s is None else t0 + deadline_s
         while waiting:
             left = None if end is None else max(0.0, end - time.perf_counter())
             done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
             if not done:
                 break
-            site = site_of[done[0]]
-            update = self._read(site, done[0], round_idx, len(participants[site]), out,
-                                sent_at[site], time.time())
-            if update is not None:
-                arrived[site] = update
+            read(site_of[done[0]], done[0], time.time())
+        late = []
         for ref in waiting:
             site = site_of[ref]
             with contextlib.suppress(Exception):  # its actor may be gone already
                 ray.cancel(ref)
             self.pending[site] = (round_idx, ref)
-            out.sites.append({"site": site, "devices": len(participants[site]),
-                              "status": "late", "error": f"past {deadline_s} s"})
-        # Participant order, not arrival order: the aggregate's float sums are reproducible.
-        out.updates = [arrived[site] for site in participants if site in arrived]
-        out.wall_s = time.perf_counter() - t0
-        out.sites.sort(key=lambda row: row["site"])
-        return out
+            late.append(site)
+        return late
+
+    def _note_gone(self, site: str, err: BaseException, round_idx: int) -> None:
+        """Start probing a site whose actor became unreachable."""
+        if isinstance(err, ray.exceptions.RayActorError):
+            self.probes[site] = (round_idx, self.edges[site].info.remote())
 
     def _read(self, site: str, ref: Any, round_idx: int, devices: int, out: RoundOutcome,
-              sent_at: float, arrived_at: float) -> FlatUpdate | None:
-        """Record one finished call in ``out.sites``; its update, if it brought one."""
+              sent_at: float, arrived_at: float) -> FlatUpdate | MaskedInput | None:
+        """Record one finished call in ``out.sites``; its update (or masked input), if it
+        brought one."""
         row: dict[str, Any] = {"site": site, "devices": devices}
         try:
             reply: RoundReply = ray.get(ref)
         except Exception as err:  # the site raised, or its actor or node is gone
             out.sites.append({**row, "status": "failed", "error": error_text(err)})
-            if isinstance(err, ray.exceptions.RayActorError):
-                self.probes[site] = (round_idx, self.edges[site].info.remote())
+            out.errors[site] = raised(err)
+            self._note_gone(site, err, round_idx)
             return None
         if reply.round != round_idx:  # cannot happen by construction; never apply it
             out.sites.append({**row, "status": "stale", "error": f"round {reply.round}"})
@@ -187,6 +280,8 @@ class Federation:
                           "num_tasks": reply.num_tasks, "bytes_up": reply.bytes_up,
                           **({} if reply.clip_vote is None else {"clip_vote": reply.clip_vote}),
                           **reply.metrics})
+        if reply.masked is not None:
+            return reply.masked
         return FlatUpdate(reply.kind, self.layout.vector(reply.update), reply.num_tasks)
 
     def _busy(self, site: str) -> bool:

@@ -16,8 +16,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from experiments.aggregation_config import AggregatorConfig, WeightedMeanRule
 from experiments.privacy_config import PrivacyConfig
+from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
 from metalearn.attacks import alie_z_max
+from privacy.config import SecAggConfig, majority_threshold
 
 
 class DataConfig(Section):
@@ -127,6 +129,78 @@ def check_privacy(fed: FederatedConfig, topology: Any) -> None:
             "guarantee with such a delta allows releasing one unit's data outright")
 
 
+def secure_rule_refusal(name: str) -> str:
+    """Why ``aggregator: name`` cannot run under secure aggregation, and what to use instead."""
+    why = (f"federated.secure_aggregation leaves the cloud only the sum of the updates, but "
+           f"aggregator {name} needs each update on its own")
+    if name in ("norm_bound", "clip_noise"):
+        return (f"{why} (it clips every update at the cloud); secure aggregation's own clip "
+                "bounds each update at its site (norm_bound with weighted_mean is "
+                "secure_aggregation.clip), and federated.privacy adds noise with an accountant "
+                "on top of it: use aggregator weighted_mean")
+    return (f"{why} (it ranks, trims or selects updates against each other, which masked "
+            "updates do not allow); robust aggregation and secure aggregation do not compose: "
+            "use aggregator weighted_mean, or run without secure_aggregation")
+
+
+def check_secure_aggregation(fed: FederatedConfig, topology: Any) -> None:
+    """What cannot compose with ``federated.secure_aggregation``, each with its reason (the
+    aggregation rule is checked with the rule, :meth:`FederatedConfig._check_aggregator`).
+
+    Allowed on purpose: attacking sites (an attacker's update is clipped at its site and masked
+    like any other: secure aggregation hides it, which is worth measuring), ``fail_sites`` (a
+    site that shares its keys and then fails its round: its masks are rebuilt from shares),
+    and ``privacy`` (the noised sum composes; the clip bound then comes from it).
+    """
+    sa = fed.secure_aggregation
+    if sa is None:
+        return
+    sites = len(topology.sites)
+    called = fed.sites_per_round(sites)
+    if called < 2:
+        raise ValueError(
+            f"federated.secure_aggregation needs at least 2 sites per round (now {called}: "
+            f"{sites} sites x site_fraction {fed.site_fraction}): the sum of one update is "
+            "the update")
+    if fed.privacy is None and sa.clip is None:
+        raise ValueError(
+            "federated.secure_aggregation.clip is required: each site clips its update to this "
+            "L2 norm before masking, and the ring is sized by it so that a sum cannot wrap")
+    if fed.privacy is not None and sa.clip is not None:
+        raise ValueError(
+            "federated.secure_aggregation.clip must be left out with federated.privacy: the "
+            "sites already clip to privacy.clip_norm, and the masking bound is derived from it "
+            "(clip_norm x the units a site sums, plus the noise share with distributed noise); "
+            "two bounds would have to agree")
+    t = secure_threshold(fed, sites)
+    holders = called if sa.neighbours is None else min(called, sa.neighbours + 1)
+    if t > holders:
+        where = ("sites called per round" if sa.neighbours is None
+                 else f"holders of a site's shares (neighbours {sa.neighbours} + 1, at most "
+                      "the sites called per round)")
+        raise ValueError(
+            f"federated.secure_aggregation.threshold {t} exceeds the {holders} {where}: every "
+            "round would abort")
+    try:
+        SecAggConfig(dim=1, clip=1.0, bits=sa.bits, max_participants=sites, threshold=t,
+                     neighbours=sa.neighbours)
+    except ValueError as err:
+        raise ValueError(f"federated.secure_aggregation: {err}") from None
+
+
+def secure_threshold(fed: FederatedConfig, sites: int) -> int:
+    """The configured threshold, or a majority of the holders of a site's shares: the sites
+    called per round, or a SecAgg+ neighbourhood (the site and its neighbours)."""
+    sa = fed.secure_aggregation
+    if sa is None:
+        raise ValueError("federated.secure_aggregation is not set")
+    if sa.threshold is not None:
+        return sa.threshold
+    called = fed.sites_per_round(sites)
+    holders = called if sa.neighbours is None else min(called, sa.neighbours + 1)
+    return majority_threshold(holders)
+
+
 class FederatedConfig(Section):
     """Federated meta-training across edge sites (``edgemeta federated``).
 
@@ -169,6 +243,8 @@ class FederatedConfig(Section):
                                   description="testing aid: these sites raise every round")
     privacy: PrivacyConfig | None = Field(None, description="client-level differential "
                                           "privacy (DP-FedAvg); none by default")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="mask the updates: the cloud learns only their sum; none by default")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -193,6 +269,7 @@ class FederatedConfig(Section):
                                  f"tasks_per_site {self.tasks_per_site}: some devices would "
                                  "sample no task")
         check_privacy(self, topology)
+        check_secure_aggregation(self, topology)
         return self
 
     def _check_aggregator(self, called: int, sites: int) -> None:
@@ -207,10 +284,8 @@ class FederatedConfig(Section):
             raise ValueError(f"aggregator {rule.name} {rule.requirement()} in every round it "
                              f"aggregates, but quorum {self.quorum} lets rounds with as few as "
                              f"{self.quorum} be aggregated: set quorum >= {need}{calls}")
-        # Secure aggregation (added elsewhere) hooks in here: the cloud then sees only the sum
-        # of the updates, so a rule with `rule.needs_individual_updates` (every rule but
-        # weighted_mean, as each looks at, clips or ranks updates one by one) must be refused
-        # with secure aggregation on.
+        if self.secure_aggregation is not None and rule.needs_individual_updates:
+            raise ValueError(secure_rule_refusal(self.aggregator.name))
 
     def _check_attacks(self, topology: Any, called: int) -> None:
         """Attacks whose parameters cannot work with this federation."""

@@ -19,7 +19,8 @@ Decisions worth knowing (``docs/PRIVACY.md`` has the threat models):
   sites' noised updates (secure aggregation) can learn, with no credit for sampling (it knows
   who took part) and the noise of the shares that actually arrived: ``epsilon_cloud``.
   Without secure aggregation it sees each site's update with its share only:
-  ``epsilon_cloud_each``.
+  ``epsilon_cloud_each``. Both are in each row; the summary's ``secure_aggregation`` says
+  which one describes the run (``federated.secure_aggregation``).
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ class CloudPrivacy:
     """
 
     def __init__(self, dp: PrivacyConfig, sampling: RoundSampling, units: float, sites: float,
-                 rounds: int) -> None:
+                 rounds: int, secure_aggregation: bool = False) -> None:
         self.dp, self.sampling = dp, sampling
+        self.secure_aggregation = secure_aggregation
         self.units, self.sites = units, sites
         adaptive = dp.adaptive_clip
         self.vote_noise_std = None if adaptive is None else adaptive.count_noise_std
@@ -191,7 +193,8 @@ class CloudPrivacy:
         if fed.privacy is None:
             return None
         units, sites = expected_counts(fed, devices)
-        return cls(fed.privacy, round_sampling(fed, devices), units, sites, rounds)
+        return cls(fed.privacy, round_sampling(fed, devices), units, sites, rounds,
+                   secure_aggregation=fed.secure_aggregation is not None)
 
     @property
     def clip_norm(self) -> float:
@@ -222,20 +225,28 @@ class CloudPrivacy:
     # ------------------------------------------------------------------ a round
 
     def release(self, outcome: RoundOutcome, participants: Mapping[str, Sequence[int]],
-                round_idx: int) -> Tensor:
+                round_idx: int, total: Tensor | None = None) -> Tensor:
         """The round's update from what arrived (``outcome.updates``, in participant order):
-        the noised sum over the expected number of units; moves an adaptive bound."""
+        the noised sum over the expected number of units; moves an adaptive bound. Under
+        secure aggregation ``total`` is the unmasked sum of the arrived sites' releases (the
+        cloud holds no update of its own), and takes the place of their plain sum."""
         ok = {row["site"]: row for row in outcome.sites if row["status"] == "ok"}
         arrived = [site for site in participants if site in ok]
         units = [1 if self.dp.unit == "site" else len(participants[s]) for s in arrived]
         clip_norm = self.clip_norm
         votes = [float(ok[s]["clip_vote"]) for s in arrived if "clip_vote" in ok[s]]
-        result = self.sum.release([u.vector for u in outcome.updates],
-                                  [clip_norm * n for n in units], votes or None, clip_norm,
-                                  round_idx, sum(units))
+        if total is None:
+            result = self.sum.release([u.vector for u in outcome.updates],
+                                      [clip_norm * n for n in units], votes or None, clip_norm,
+                                      round_idx, sum(units))
+        else:
+            result = self.sum.release_sum(total, len(arrived), votes or None, clip_norm,
+                                          round_idx, sum(units))
         if self.adaptive is not None and result.unclipped_fraction is not None:
             self.adaptive.update(result.unclipped_fraction)
-        self._last = {"noise_std": result.noise_std, "reclipped": result.reclipped}
+        self._last = {"noise_std": result.noise_std}
+        if total is None:  # under secure aggregation the cloud can re-clip nothing
+            self._last["reclipped"] = result.reclipped
         if result.unclipped_fraction is not None:
             self._last["unclipped_fraction"] = result.unclipped_fraction
         return result.vector
@@ -300,6 +311,7 @@ class CloudPrivacy:
             "expected_units_per_round": self.units, "target_epsilon": dp.target_epsilon,
             "stopped_by_target_epsilon": self.stops_early and rounds >= self.rounds,
             "secure_noise": dp.seed is None,
+            "secure_aggregation": self.secure_aggregation,
         }
         if dp.noise == "distributed":
             out["epsilon_cloud"] = self.cloud_epsilon()

@@ -25,6 +25,10 @@ Decisions worth knowing:
   with distributed noise add their share of the noise) before replying; the round's aggregate
   is then the noised sum over the expected number of units instead of the aggregation rule,
   each row records epsilon, and a target epsilon ends training after the last round within it.
+* **Secure aggregation** (``federated.secure_aggregation``, :mod:`experiments.secagg`): a round
+  adds three key exchanges around the round call (:mod:`actors.secure_round`); each site clips
+  and masks its update, and the cloud unmasks only the sum of those that arrived (a site that
+  drops after sharing its keys is left out exactly). Too few sites at a step skips the round.
 * **Exact resume.** Tasks are seeded by ``(seed, site, device, round)`` and participants by
   ``(seed, round)``; the checkpoint holds meta-parameters, optimizer and aggregator state. A
   run stopped after round r and resumed ends where an uninterrupted run ends.
@@ -46,12 +50,12 @@ import ray
 import torch
 
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
-from actors.contract import Attack, LocalWork, SiteJob
+from actors.contract import Attack, LocalWork, SiteJob, UpdateKind
 from actors.federation import Federation, RoundOutcome, broadcast
 from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Site, Topology
-from experiments import dp
+from experiments import dp, secagg
 from experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -74,7 +78,7 @@ from metalearn.aggregation import Aggregator
 from metalearn.checkpoint import save_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
-from metalearn.params import Params, num_bytes
+from metalearn.params import FlatLayout, Params, num_bytes
 
 
 def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str | None = None,
@@ -149,6 +153,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
     if cloud.privacy is not None:  # a target epsilon may allow fewer rounds
         rounds = cloud.privacy.rounds
         echo(cloud.privacy.describe())
+    if cloud.secagg is not None:
+        echo(cloud.secagg.describe())
     with RunLoop(cfg.run_dir, unit="round", total=rounds, echo=echo,
                  checkpoint_every=cfg.train.checkpoint_every,
                  time_budget_s=cfg.train.time_budget_s,
@@ -200,22 +206,51 @@ def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapp
                            len(participants))
     t_sent = time.perf_counter()
     clip = None if cloud.privacy is None else cloud.privacy.clip_norm
-    outcome = cloud.federation.run_round(params_ref, round_idx, participants, fed.deadline_s,
-                                         clip)
+    secure = None
+    if cloud.secagg is None:
+        outcome = cloud.federation.run_round(params_ref, round_idx, participants,
+                                             fed.deadline_s, clip)
+        skipped = len(outcome.updates) < fed.quorum
+    else:
+        secure = cloud.secagg.round(cloud.federation, round_idx, participants, params_ref, clip)
+        outcome = secure.outcome
+        skipped = secure.result is None
     t_back = t_aggregated = time.perf_counter()
-    skipped = len(outcome.updates) < fed.quorum
     if not skipped:
-        aggregated = (cloud.aggregator.aggregate(outcome.updates) if cloud.privacy is None
-                      else cloud.privacy.release(outcome, participants, round_idx))
+        if secure is not None and secure.result is not None:
+            aggregated = _secure_aggregate(cloud, secure.result.total, outcome, participants,
+                                           round_idx)
+            # what every site's update is (the masked replies say it too): local_update
+            # returns the algorithm's meta-gradient for one local step, a delta for more
+            kind: UpdateKind = "gradient" if fed.local_steps == 1 else "delta"
+        else:
+            aggregated = (cloud.aggregator.aggregate(outcome.updates) if cloud.privacy is None
+                          else cloud.privacy.release(outcome, participants, round_idx))
+            kind = outcome.updates[0].kind
         t_aggregated = time.perf_counter()
-        cloud.outer.step_flat(aggregated, outcome.updates[0].kind)
+        cloud.outer.step_flat(aggregated, kind)
     t_end = time.perf_counter()
     row = round_row(round_idx, outcome, cloud.param_bytes, list(devices), wall_s=t_end - t0)
     row.update(put_s=t_sent - t0, aggregate_s=t_aggregated - t_back,
                outer_step_s=t_end - t_aggregated, skipped=skipped)
+    if secure is not None:
+        row.update(secure.fields())
     if cloud.privacy is not None and clip is not None:
-        row.update(cloud.privacy.round_fields(round_idx, clip, len(outcome.updates)))
+        arrived = len(outcome.updates) if secure is None else (
+            0 if secure.result is None else len(secure.result.survivors))
+        row.update(cloud.privacy.round_fields(round_idx, clip, arrived))
     return row, outcome
+
+
+def _secure_aggregate(cloud: Cloud, total: np.ndarray, outcome: RoundOutcome,
+                      participants: Mapping[str, list[int]], round_idx: int) -> torch.Tensor:
+    """The round's update from the unmasked sum of the survivors' updates: their mean (every
+    site computes the same number of tasks, so this is the task-weighted mean), or, under
+    privacy, the noised sum over the expected number of units."""
+    summed = torch.from_numpy(total)
+    if cloud.privacy is not None:
+        return cloud.privacy.release(outcome, participants, round_idx, total=summed)
+    return summed / outcome.count("ok")
 
 
 @dataclass
@@ -232,6 +267,7 @@ class Cloud:
     param_bytes: int
     missed: int = 0
     privacy: dp.CloudPrivacy | None = None
+    secagg: secagg.CloudSecAgg | None = None
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
@@ -247,11 +283,12 @@ class Cloud:
                                     fed.holdout_fraction)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
-        federation = Federation.start(site_jobs(cfg, topology, plans, devices, per_site),
-                                      {s.name: s.actor_cpus for s in topology.sites},
-                                      outer.layout, echo)
+        federation = Federation.start(
+            site_jobs(cfg, topology, plans, devices, per_site, dim=outer.layout.numel),
+            {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
         return cls(outer, fed.aggregator.build(), federation, topology,
-                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), privacy=privacy)
+                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), privacy=privacy,
+                   secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel))
 
     def state(self) -> dict[str, Any]:
         return {"outer": self.outer.state_dict(), "params": self.outer.params,
@@ -288,19 +325,25 @@ def tasks_per_site(cfg: ExperimentConfig, sites: int) -> int:
 
 
 def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Mapping[str, Any]],
-              devices: Mapping[str, int], per_site: int) -> dict[str, SiteJob]:
-    """What each site is told when its actor starts (the config's values, nothing else)."""
+              devices: Mapping[str, int], per_site: int,
+              dim: int | None = None) -> dict[str, SiteJob]:
+    """What each site is told when its actor starts (the config's values, nothing else).
+    ``dim``: the parameter count (default: built from the config when secure aggregation
+    needs it)."""
     fed = federated_section(cfg)
     config = cfg.to_dict()
     learner = {k: config[k] for k in ("data", "model", "algorithm")}
     work = LocalWork(steps=fed.local_steps, lr=fed.local_lr, optimizer=fed.local_optimizer,
                      tasks_per_step=per_site)
     privacy = dp.site_privacy(fed, devices)
+    if dim is None and fed.secure_aggregation is not None:
+        dim = FlatLayout.of(algorithm_from_config(config).init_params()).numel
+    masking = secagg.site_jobs(fed, devices, dim or 0)
     return {s.name: SiteJob(site=s.name, learner=learner, data_plan=plans[s.name], local=work,
                             devices=devices[s.name], seed=cfg.seed,
                             compute_nice=s.compute_nice, delay_s=s.delay_s,
                             fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology),
-                            privacy=privacy)
+                            privacy=privacy, secagg=masking[s.name])
             for s in topology.sites}
 
 

@@ -107,6 +107,10 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     driver to started on the site) and of a reply (finished on the site to seen by the driver).
     ``compute_wait_s_max``: the longest wait, inside a site's ``compute_s``, between the call
     starting and the site's compute thread getting a CPU (sites sharing a node's cores).
+
+    Under secure aggregation a row per participant may also have status ``aborted`` (the round
+    was aborted before its call), ``bytes_up`` counts the masked inputs, and the driver adds the
+    ``secagg_*`` columns (:meth:`actors.secure_round.SecureRound.fields`).
     """
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
@@ -139,10 +143,13 @@ def round_line(row: Mapping[str, Any], rounds: int, trouble: Sequence[str]) -> s
     """A round's row as one console line (metrics, timing, and what went wrong)."""
     metrics = " ".join(f"{k} {row[k]:.3f}" for k in ("loss_after", "acc_after")
                        if k in row and row[k] == row[k])
+    skipped = ""
+    if row["skipped"]:
+        abort = row.get("secagg_abort")
+        skipped = f" SKIPPED (secure aggregation: {abort})" if abort else " SKIPPED (below quorum)"
     return (f"round {row['round']}/{rounds} arrived {row['arrived']}/{row['called']} "
             f"{metrics} wall {row['wall_s']:.2f}s overhead {row['overhead_s']:.3f}s"
-            + (f" [{', '.join(trouble)}]" if trouble else "")
-            + (" SKIPPED (below quorum)" if row["skipped"] else ""))
+            + (f" [{', '.join(trouble)}]" if trouble else "") + skipped)
 
 
 def federated_summary(rows: list[dict], site_rows: list[dict], personal: list[dict],
@@ -160,6 +167,8 @@ def federated_summary(rows: list[dict], site_rows: list[dict], personal: list[di
     return {
         "sites": topology.site_names, "tasks_per_site": per_site,
         "local_steps": fed.local_steps, "aggregator": fed.aggregator.model_dump(mode="json"),
+        "secure_aggregation": (None if fed.secure_aggregation is None
+                               else fed.secure_aggregation.model_dump(mode="json")),
         "site_fraction": fed.site_fraction, "quorum": fed.quorum,
         "rounds": len(df), "skipped_rounds": int(df["skipped"].sum()) if len(df) else 0,
         "late": count("late"), "failed": count("failed"), "busy": count("busy"),

@@ -152,12 +152,25 @@ class DpSum:
                 vector, norm = clip(vector.reshape(-1), bound)
                 reclipped += norm > bound * (1 + 1e-5)
             total += vector.reshape(-1).double()
-        share = self.missing_share(len(vectors))
+        out = self.release_sum(total, len(vectors), votes, clip_norm, round_idx, units)
+        return CloudRelease(out.vector.to(vectors[0].dtype), out.unclipped_fraction,
+                            out.noise_std, int(reclipped))
+
+    def release_sum(self, total: Tensor, arrived_sites: int, votes: Sequence[float] | None,
+                    clip_norm: float, round_idx: int, units: int) -> CloudRelease:
+        """The round's update from the sum of ``arrived_sites`` sites' releases, when the cloud
+        holds only that sum (secure aggregation): noise (or the top-up for the missing shares),
+        the fixed denominator. The sites' bounds were enforced at the sites (the cloud cannot
+        re-clip what it never sees), so ``reclipped`` is 0. ``total`` is float64; so is the
+        result."""
+        if arrived_sites < 1:
+            raise ValueError("nothing to release: no site updates")
+        total = total.reshape(-1).to(torch.float64, copy=True)
+        share = self.missing_share(arrived_sites)
         std = self.noise_multiplier * clip_norm * math.sqrt(share)
         total += self.noise.normals(total.numel(), std, cloud_stream(round_idx, UPDATE))
-        out = (total / self.expected_units).to(vectors[0].dtype)
-        return CloudRelease(out, self._unclipped(votes, share, round_idx, units), std,
-                            int(reclipped))
+        out = total / self.expected_units
+        return CloudRelease(out, self._unclipped(votes, share, round_idx, units), std, 0)
 
     def _unclipped(self, votes: Sequence[float] | None, share: float, round_idx: int,
                    units: int) -> float | None:

@@ -144,3 +144,79 @@ def test_combinations_that_cannot_work_are_rejected(raw: dict, message: str) -> 
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert message in str(err.value)
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+SECURE = {"clip": 1.0}
+
+
+def test_secure_aggregation_composes_with_the_mean_privacy_attackers_and_failing_sites() -> None:
+    cfg = parse_config(federated(topology=4, secure_aggregation=SECURE))
+    assert cfg.federated is not None and cfg.federated.secure_aggregation is not None
+    sa = cfg.federated.secure_aggregation
+    assert (sa.clip, sa.bits, sa.threshold, sa.neighbours) == (1.0, 32, None, None)
+    # the noised sum of DP composes; the masking bound then comes from clip_norm
+    parse_config(federated(topology=4, secure_aggregation={}, privacy={
+        "unit": "site", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3,
+        "noise": "distributed"}, personalize_episodes=0))
+    # an attacker is masked like any other site; a failing site drops after sharing its keys
+    parse_config(federated(topology=sites(4, s3={"name": "sign_flip"}),
+                           secure_aggregation=SECURE))
+    parse_config(federated(topology=4, fail_sites=["site-1"], secure_aggregation=SECURE))
+    parse_config(federated(topology=20, secure_aggregation={**SECURE, "neighbours": 6}))
+
+
+ROBUST_RULES = [
+    {"name": "median"}, {"name": "trimmed_mean"}, {"name": "krum", "f": 0},
+    {"name": "multi_krum", "f": 0}, {"name": "bulyan", "f": 0},
+]
+
+
+@pytest.mark.parametrize("rule", ROBUST_RULES, ids=lambda r: r["name"])
+def test_robust_rules_are_refused_with_secure_aggregation(rule: dict) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(federated(topology=4, quorum=4, aggregator=rule, secure_aggregation=SECURE))
+    assert (f"federated.secure_aggregation leaves the cloud only the sum of the updates, but "
+            f"aggregator {rule['name']} needs each update on its own") in str(err.value)
+    assert "robust aggregation and secure aggregation do not compose" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (federated(topology=4, aggregator={"name": "norm_bound", "max_norm": 1.0},
+                   secure_aggregation=SECURE),
+         "(norm_bound with weighted_mean is secure_aggregation.clip)"),
+        (federated(topology=4, aggregator={"name": "clip_noise", "clip_norm": 1.0},
+                   secure_aggregation=SECURE),
+         "aggregator clip_noise needs each update on its own (it clips every update at the "
+         "cloud)"),
+        (federated(topology=4, secure_aggregation={}), "secure_aggregation.clip is required"),
+        (federated(topology=4, secure_aggregation=SECURE, privacy={
+            "unit": "site", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}),
+         "secure_aggregation.clip must be left out with federated.privacy"),
+        (federated(topology=4, secure_aggregation={**SECURE, "threshold": 5}),
+         "threshold 5 exceeds the 4 sites called per round: every round would abort"),
+        (federated(topology=4, site_fraction=0.5,
+                   secure_aggregation={**SECURE, "threshold": 3}),
+         "threshold 3 exceeds the 2 sites called per round"),
+        (federated(topology=20, secure_aggregation={**SECURE, "neighbours": 4,
+                                                    "threshold": 6}),
+         "threshold 6 exceeds the 5 holders of a site's shares (neighbours 4 + 1"),
+        (federated(topology=4, site_fraction=0.25, secure_aggregation=SECURE),
+         "needs at least 2 sites per round (now 1"),
+        (federated(topology=4, secure_aggregation={**SECURE, "neighbours": 3}),
+         "neighbours must be even"),
+        (federated(topology=4, secure_aggregation={**SECURE, "threshold": 1}),
+         "secure_aggregation.threshold"),
+        (federated(topology=200, secure_aggregation={**SECURE, "bits": 12}),
+         "a 12-bit ring leaves 200 participants fewer than 8 bits of resolution"),
+        (federated(topology=4, secure_aggregation={**SECURE, "masks": 1}),
+         "secure_aggregation.masks: unknown key"),
+    ],
+)
+def test_secure_aggregation_refuses_what_cannot_work(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert message in str(err.value)
