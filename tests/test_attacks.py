@@ -1,7 +1,7 @@
 """Attacks: the maths against numbers worked out by hand, and their application at a site.
 
 The site-level checks build :class:`actors.edge.EdgeNode` as a plain object (no Ray) from the
-jobs that :func:`experiments.federated.site_jobs` makes out of a topology with attackers, and
+jobs that :func:`experiments.site_jobs.site_jobs` makes out of a topology with attackers, and
 hold each poisoned update equal to the attack applied to what an honest copy of the same site
 computes in the same round (tasks depend only on seed, site, device and round).
 """
@@ -20,7 +20,7 @@ import torch
 from actors.contract import Attack, SiteJob
 from actors.edge import EdgeNode
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import site_jobs
+from experiments.site_jobs import site_jobs
 from metalearn import attacks
 from metalearn.local_update import local_update
 from metalearn.params import FlatLayout

@@ -28,7 +28,8 @@ from helpers import embedded_cluster
 from actors.contract import RoundReply, SiteJob
 from actors.edge import EdgeNode
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import site_jobs, train_federated
+from experiments.federated import train_federated
+from experiments.site_jobs import site_jobs
 from metalearn.checkpoint import load_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update

@@ -25,7 +25,8 @@ import torch
 from helpers import embedded_cluster
 
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import site_jobs, train_federated
+from experiments.federated import train_federated
+from experiments.site_jobs import site_jobs
 from metalearn.from_config import algorithm_from_config
 from metalearn.params import FlatLayout
 from metalearn.sites import plan_sites

@@ -17,7 +17,8 @@ import torch
 from helpers import embedded_cluster
 
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import choose_participants, tasks_per_site, train_federated
+from experiments.federated import train_federated
+from experiments.site_jobs import choose_participants, tasks_per_site
 from metalearn.aggregation import FlatUpdate, WeightedMean
 from metalearn.checkpoint import load_checkpoint
 from metalearn.from_config import algorithm_from_config

@@ -38,7 +38,8 @@ from actors.federation import Federation
 from cluster import auth
 from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY, site_resource
 from experiments.config import ExperimentConfig, parse_config
-from experiments.federated import choose_participants, train_federated
+from experiments.federated import train_federated
+from experiments.site_jobs import choose_participants
 from metalearn.checkpoint import load_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update

@@ -26,8 +26,8 @@ from actors.federation import RoundOutcome, StepOutcome, raised
 from actors.secure_round import run_secure_round
 from experiments.config import ExperimentConfig, parse_config
 from experiments.dp import CloudPrivacy
-from experiments.federated import site_jobs
 from experiments.secagg import CloudSecAgg, masking_bound
+from experiments.site_jobs import site_jobs
 from metalearn.sites import plan_sites
 from privacy.errors import ProtocolError
 from privacy.fixed_point import clip_l2

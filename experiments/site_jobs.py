@@ -1,0 +1,89 @@
+"""From the config to the sites: what each site is told when it starts (:class:`SiteJob`),
+how many tasks it draws, and who takes part in each round.
+
+This is the one place that turns ``federated`` config values into the cloud-edge contract
+(:mod:`actors.contract`), so a default lives in the config alone and the driver
+(:mod:`experiments.federated`) reads as a loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from actors.contract import Attack, LocalWork, SiteJob
+from cluster.topology import Site, Topology
+from experiments import dp, secagg
+from experiments.config import ConfigError, ExperimentConfig, FederatedConfig
+from metalearn.from_config import algorithm_from_config
+from metalearn.params import FlatLayout
+
+
+def federated_section(cfg: ExperimentConfig) -> FederatedConfig:
+    if cfg.federated is None:
+        raise ConfigError(f"config {cfg.name!r} has no federated section; add one (see "
+                          "experiments/configs/federated_sinusoid.yaml)")
+    return cfg.federated
+
+
+def tasks_per_site(cfg: ExperimentConfig, sites: int) -> int:
+    fed = federated_section(cfg)
+    return fed.tasks_per_site or math.ceil(cfg.train.meta_batch / sites)
+
+
+def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Mapping[str, Any]],
+              devices: Mapping[str, int], per_site: int,
+              dim: int | None = None) -> dict[str, SiteJob]:
+    """What each site is told when its actor starts (the config's values, nothing else).
+    ``dim``: the parameter count (default: built from the config when secure aggregation
+    needs it)."""
+    fed = federated_section(cfg)
+    config = cfg.to_dict()
+    learner = {k: config[k] for k in ("data", "model", "algorithm")}
+    work = LocalWork(steps=fed.local_steps, lr=fed.local_lr, optimizer=fed.local_optimizer,
+                     tasks_per_step=per_site)
+    privacy = dp.site_privacy(fed, devices)
+    if dim is None and fed.secure_aggregation is not None:
+        dim = FlatLayout.of(algorithm_from_config(config).init_params()).numel
+    masking = secagg.site_jobs(fed, devices, dim or 0)
+    return {s.name: SiteJob(site=s.name, learner=learner, data_plan=plans[s.name], local=work,
+                            devices=devices[s.name], seed=cfg.seed,
+                            compute_nice=s.compute_nice, delay_s=s.delay_s,
+                            fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology),
+                            privacy=privacy, secagg=masking[s.name])
+            for s in topology.sites}
+
+
+def site_attack(site: Site, fed: FederatedConfig, topology: Topology) -> Attack | None:
+    """The topology's attack of ``site`` as the site is told it: every value resolved (an
+    ``alie`` without ``z`` gets Baruch et al.'s ``z_max`` for this federation)."""
+    configured = site.attack
+    if configured is None:
+        return None
+    values = configured.model_dump()
+    if configured.name == "alie" and values["z"] is None:
+        values["z"] = fed.alie_z(topology)
+    return Attack(name=configured.name, factor=float(values.get("factor", 0.0)),
+                  sigma=float(values.get("sigma", 0.0)), z=float(values.get("z", 0.0)),
+                  samples=int(values.get("samples", 0)))
+
+
+def choose_participants(sites: Sequence[str], devices: Mapping[str, int], fed: FederatedConfig,
+                        seed: int, round_idx: int) -> dict[str, list[int]]:
+    """Sites called in ``round_idx`` and the devices each uses, seeded by ``(seed, round)``
+    (under privacy: :func:`experiments.dp.choose`, secret, and Poisson if asked)."""
+    if fed.privacy is not None:
+        return dp.choose(sites, devices, fed, round_idx)
+    rng = np.random.default_rng([seed, round_idx])
+    k = fed.sites_per_round(len(sites))
+    chosen = sorted(rng.choice(len(sites), size=k, replace=False).tolist())
+    out = {}
+    for i in chosen:
+        site, n = sites[i], devices[sites[i]]
+        per_round = min(fed.devices_per_round or n, n)
+        ids = range(n) if per_round == n else rng.choice(n, size=per_round, replace=False)
+        out[site] = sorted(int(d) for d in ids)
+    return out
