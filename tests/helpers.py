@@ -44,3 +44,44 @@ def embedded_cluster(sites: int) -> Iterator[Any]:
         yield topology
     finally:
         shutdown()
+
+
+MB = 1024 * 1024
+FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                      "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
+def add_site_node(c: Any, site: str) -> Any:
+    """One more raylet of ``c`` (a ``ray.cluster_utils.Cluster``) advertising ``site``."""
+    from cluster.topology import SITE_RESOURCE_QUANTITY, site_resource
+
+    return c.add_node(num_cpus=1, object_store_memory=100 * MB,
+                      resources={site_resource(site): SITE_RESOURCE_QUANTITY})
+
+
+@contextmanager
+def multi_node_cluster(sites: list[str], *, fast_health_checks: bool = True) -> Iterator[Any]:
+    """A real multi-node Ray cluster in this test process: a head with the ``cloud`` resource
+    and one raylet per site (so a site's node can be killed), joined without auth; yields
+    ``(cluster, {site: node})`` and always shuts everything down."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster import auth
+    from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY
+
+    previous = auth.apply_to_process(auth.disabled_env())
+    head: dict[str, Any] = {"num_cpus": 1, "resources": {CLOUD_RESOURCE: SITE_RESOURCE_QUANTITY},
+                            "object_store_memory": 100 * MB, "include_dashboard": False}
+    if fast_health_checks:
+        head["_system_config"] = dict(FAST_HEALTH_CHECKS)
+    c = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        nodes = {s: add_site_node(c, s) for s in sites}
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        auth.restore_process(previous)

@@ -21,12 +21,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import ray
 import torch
-from ray.cluster_utils import Cluster
+from helpers import multi_node_cluster
 
-from cluster import auth
-from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY, site_resource
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from metalearn.checkpoint import load_checkpoint
@@ -37,26 +34,12 @@ from metalearn.tasks import TaskBatch
 
 SITES = [f"site-{i}" for i in range(5)]
 ATTACKER = "site-4"
-MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    previous = auth.apply_to_process(auth.disabled_env())
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {CLOUD_RESOURCE: SITE_RESOURCE_QUANTITY},
-        "object_store_memory": 100 * MB, "include_dashboard": False})
-    try:
-        for s in SITES:
-            c.add_node(num_cpus=1, object_store_memory=100 * MB,
-                       resources={site_resource(s): SITE_RESOURCE_QUANTITY})
-        c.wait_for_nodes()
-        ray.init(address=c.address, log_to_driver=False)
+    with multi_node_cluster(SITES, fast_health_checks=False) as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        auth.restore_process(previous)
 
 
 def config(tmp_path: Path, name: str, aggregator: dict[str, Any],

@@ -15,12 +15,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import ray
 import torch
-from ray.cluster_utils import Cluster
+from helpers import add_site_node, multi_node_cluster
 
-from cluster import auth
-from cluster.topology import CLOUD_RESOURCE, SITE_RESOURCE_QUANTITY, site_resource
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from metalearn.checkpoint import load_checkpoint
@@ -30,32 +27,12 @@ from metalearn.sites import SiteTasks, plan_sites
 from metalearn.tasks import TaskBatch
 
 SITES = [f"site-{i}" for i in range(3)]
-MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    previous = auth.apply_to_process(auth.disabled_env())
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {CLOUD_RESOURCE: SITE_RESOURCE_QUANTITY},
-        "object_store_memory": 100 * MB, "include_dashboard": False,
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                           "health_check_timeout_ms": 500,
-                           "health_check_failure_threshold": 3}})
-    try:
-        nodes = {s: add_site_node(c, s) for s in SITES}
-        c.wait_for_nodes()
-        ray.init(address=c.address, log_to_driver=False)
+    with multi_node_cluster(SITES) as (c, nodes):
         yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        auth.restore_process(previous)
-
-
-def add_site_node(c: Cluster, site: str) -> Any:
-    return c.add_node(num_cpus=1, object_store_memory=100 * MB,
-                      resources={site_resource(site): SITE_RESOURCE_QUANTITY})
 
 
 def config(tmp_path: Path, name: str, rounds: int = 3, delays: dict[str, float] | None = None,
