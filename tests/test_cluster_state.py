@@ -46,12 +46,17 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
 
 def test_running_state_needs_a_live_head(tmp_path: Path) -> None:
     assert read_running_state(tmp_path) is None  # nothing recorded
-    _info(tmp_path, os.getsid(0)).save()  # this test's own session stands in for the head's
-    assert read_running_state(tmp_path) is not None
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    _info(tmp_path, int(dead.stdout)).save()
-    assert read_running_state(tmp_path) is None
+    # A session leader of our own stands in for the head's ``ray start`` (this test's own
+    # session id may be 0 where the leader is outside our PID namespace, as in CI's sandbox).
+    head = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
+    try:
+        _info(tmp_path, head.pid).save()
+        assert read_running_state(tmp_path) is not None
+    finally:
+        head.kill()
+        head.wait()
+    assert read_running_state(tmp_path) is None  # the same session, now without a process
 
 
 def test_address_matches_the_recorded_cluster(tmp_path: Path) -> None:
