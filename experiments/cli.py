@@ -9,22 +9,34 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.config import ConfigError, load_config, resolve_config
+from experiments.config import ConfigError
+from experiments.entry import add_run_arguments, config_from_args
+from experiments.run_storage import where_line
 from experiments.stopping import exit_code
+from metalearn.storage import StorageError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
+    print(where_line(cfg), flush=True)
     return exit_code(train(cfg, resume=not args.fresh))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
+    print(where_line(cfg), flush=True)
     return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from experiments.submit import submit
+
+    return submit(args.config, address=args.address, storage=args.storage,
+                  overrides=args.set, working_dir=args.working_dir, wait=args.wait)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -142,20 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="centralized meta-training from a YAML config")
-    p.add_argument("config", help="a YAML file, or the name of a bundled config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    add_run_arguments(p, "the config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("federated", help="federated meta-training across edge sites on Ray")
-    p.add_argument("config", help="a YAML file with a federated section, or a bundled name")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set federated.quorum=2")
+    add_run_arguments(p, "a config with a federated section")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: federated.address, else embedded)")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_federated)
+
+    p = sub.add_parser("submit", help="submit federated training to a cluster as a Ray job "
+                                      "(the config travels with the job)")
+    p.add_argument("config", help="a YAML file (anywhere: it is sent inline), a bundled name, "
+                                  "or a file in run storage")
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
+                        "RAY_ADDRESS)")
+    p.add_argument("--storage", default=None, metavar="ROOT",
+                   help="run storage root for the job: a URI (s3://BUCKET/runs) or an absolute "
+                        "folder on the cluster (default: an absolute output_dir, else the "
+                        "cluster's EDGEMETA_RUN_STORAGE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--working-dir", default=".",
+                   help="the code the job runs (default: this folder, the repository)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run folder's checkpoint on meta-test")
     p.add_argument("run_dir")
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StorageError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
 
