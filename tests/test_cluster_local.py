@@ -2,16 +2,24 @@
 
 One cluster for the module (start-up is the slow part). The tests run in file order: the
 node-failure test changes site-1's node id, and the last test takes the cluster down.
+
+Every node is started with the run-storage settings that cluster.yaml provisions: the AWS
+environment of a real S3-compatible server on 127.0.0.1 (moto's) and ``EDGEMETA_RUN_STORAGE``
+naming a bucket on it.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from helpers import train_tiny_run
+import yaml
+from helpers import S3_BUCKET, s3_server, train_tiny_run
 
 from cluster import auth, local, procs
 from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
@@ -20,8 +28,14 @@ from cluster.settings import FAST_HEALTH_CHECK_ENV
 from cluster.state import HEAD, STATE_FILE, ClusterError, ClusterInfo, read_state
 from cluster.topology import Topology, TopologyError, uniform_topology
 from experiments.cli import main as cli_main
+from experiments.run_storage import STORAGE_ENV
+from metalearn.checkpoint import list_checkpoints
+from metalearn.storage import Location
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_RUNS = f"s3://{S3_BUCKET}/cluster-runs"
 
 
 def _topology() -> Topology:
@@ -34,10 +48,17 @@ def _topology() -> Topology:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def s3():
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str]):
     state = tmp_path_factory.mktemp("cluster") / "state"
     t0 = time.monotonic()
-    info = local.up(_topology(), state, env=FAST_HEALTH_CHECK_ENV)
+    info = local.up(_topology(), state,
+                    env={**FAST_HEALTH_CHECK_ENV, **s3, STORAGE_ENV: CLUSTER_RUNS})
     print(f"\ncluster up in {time.monotonic() - t0:.1f} s")
     yield info
     if (state / STATE_FILE).exists():
@@ -162,6 +183,57 @@ def test_job_submit_with_token(cluster: ClusterInfo, tmp_path: Path) -> None:
 
     with pytest.raises(Exception, match=r"(?i)auth|401|403"):
         JobSubmissionClient(cluster.dashboard_url).list_jobs()  # no token: refused
+
+
+def _federated_config(name: str) -> dict:
+    return {"name": name, "seed": 0,  # output_dir: the default, relative `runs`
+            "data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
+            "model": {"name": "sinusoid_mlp", "hidden": 20},
+            "algorithm": {"name": "maml", "inner_lr": 0.01},
+            "train": {"meta_batch": 4, "steps": 3, "checkpoint_every": 1, "log_every": 1},
+            "eval": {"episodes": 8, "steps_list": [0, 1], "batch": 8},
+            "federated": {"topology": {"sites": 2, "devices": 2}, "personalize_episodes": 4}}
+
+
+def test_submitted_job_keeps_its_run_in_run_storage(cluster: ClusterInfo, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edgemeta submit` of a config kept outside the repository: the real federated entry
+    point runs as a Ray job, trains three rounds on the sites and writes its run to the
+    cluster's run storage (s3); status and logs come back through the Job API. The same job
+    without run storage is refused, since its run would land in Ray's working dir."""
+    from experiments.submit import job_client, submit_job, wait_for_job
+
+    monkeypatch.setenv(auth.TOKEN_PATH_ENV, cluster.token_path)
+    config = tmp_path / "private" / "fed.yaml"  # outside the working dir: never uploaded
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(_federated_config("job-run")))
+    said: list[str] = []
+    t0 = time.monotonic()
+    refused = submit_job(str(config), address=cluster.dashboard_url, working_dir=str(REPO),
+                         env_vars={STORAGE_ENV: ""}, echo=said.append)
+    job = submit_job(str(config), address=cluster.dashboard_url, working_dir=str(REPO),
+                     echo=said.append)
+    assert f"-> the cluster's {STORAGE_ENV}/job-run" in said[1]
+    client = job_client(cluster.dashboard_url)
+    status = wait_for_job(client, job, echo=lambda _: None, timeout_s=150)
+    logs = client.get_job_logs(job)
+    print(f"job {status} in {time.monotonic() - t0:.1f} s")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"run storage: {CLUSTER_RUNS}/job-run" in logs
+    assert "round 3/3 arrived 2/2" in logs
+
+    run = Location(f"{CLUSTER_RUNS}/job-run")
+    assert list_checkpoints(run) == [1, 2, 3]
+    rows = pd.read_parquet(io.BytesIO((run / "metrics.parquet").read_bytes()))
+    assert rows["round"].tolist() == [1, 2, 3] and (rows["arrived"] == 2).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_steps"] == 3 and summary["federated"]["sites"] == ["site-0", "site-1"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "job-run"
+
+    assert wait_for_job(client, refused, echo=lambda _: None, timeout_s=60) == "FAILED"
+    refusal = client.get_job_logs(refused)
+    assert "inside the Ray job's unpacked working dir" in refusal, refusal[-2000:]
+    assert "Traceback" not in refusal
 
 
 def test_kill_and_restart_a_site(cluster: ClusterInfo) -> None:
