@@ -26,6 +26,7 @@ or the instance's role; or pyarrow's options in the URI's query
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -33,6 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -63,36 +65,41 @@ class Location:
 
     It reads like :class:`pathlib.Path` where the two agree (``/``, ``name``, ``parent``,
     ``exists``, ``read_bytes``, ...). A local location is also ``os.PathLike``, so pandas,
-    numpy and ``open`` take it; an object-store one refuses to pose as a local file.
+    numpy and ``open`` take it; an object-store one refuses to pose as a local file. Naming
+    touches no network: the store's file system is opened on first I/O (once per process and
+    store, :func:`_filesystem`), and a pickled location carries its URI, never credentials.
     """
 
-    __slots__ = ("_fs", "_local", "_path", "_scheme")
+    __slots__ = ("_key", "_local", "_query", "_store")
 
     def __init__(self, where: PathLike) -> None:
         if isinstance(where, Location):
-            self._fs, self._local = where._fs, where._local
-            self._path, self._scheme = where._path, where._scheme
+            self._local, self._store = where._local, where._store
+            self._key, self._query = where._key, where._query
             return
         text = os.fspath(where)
         m = _SCHEME.match(text)
         if m is None or m.group(1).lower() == "file":
-            self._fs, self._scheme, self._path = None, "", ""
+            self._store, self._key, self._query = "", "", ""
             self._local: Path | None = Path(text[m.end():] if m else text).expanduser()
             return
-        import pyarrow.fs as pafs  # the object-store layer, only where one is named
+        parts = urlsplit(text)
+        if not parts.netloc:
+            raise StorageError(f"run storage {text!r} names no bucket or host")
+        self._local = None
+        self._store = f"{parts.scheme.lower()}://{parts.netloc}"
+        self._key, self._query = parts.path.rstrip("/"), parts.query
 
-        try:
-            fs, path = pafs.FileSystem.from_uri(text)
-        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
-            raise StorageError(f"cannot open run storage {text!r}: {err}") from None
-        self._fs, self._local = fs, None
-        self._scheme, self._path = m.group(1).lower(), path.rstrip("/")
-
-    @classmethod
-    def _remote(cls, fs: Any, scheme: str, path: str) -> Location:
-        loc = cls.__new__(cls)
-        loc._fs, loc._local, loc._scheme, loc._path = fs, None, scheme, path
+    def _child(self, key: str) -> Location:
+        loc = Location.__new__(Location)
+        loc._local, loc._store, loc._query, loc._key = None, self._store, self._query, key
         return loc
+
+    def _open(self) -> tuple[Any, str]:
+        """The store's pyarrow file system and this location's path in it."""
+        root = self._store + (f"?{self._query}" if self._query else "")
+        fs, base = _filesystem(root, _store_environment())
+        return fs, (base.rstrip("/") + self._key) if base else (self._key or "/")
 
     # ------------------------------------------------------------------ naming
 
@@ -118,24 +125,26 @@ class Location:
             return Location(self._local / name)
         if name.startswith("/") or ".." in name.split("/"):
             raise StorageError(f"{name!r} is not a relative name inside {self}")
-        return Location._remote(self._fs, self._scheme, posixpath.join(self._path, name))
+        return self._child(f"{self._key}/{name.strip('/')}")
 
     @property
     def name(self) -> str:
-        return self._local.name if self._local is not None else posixpath.basename(self._path)
+        return self._local.name if self._local is not None else posixpath.basename(self._key)
 
     @property
     def parent(self) -> Location:
         if self._local is not None:
             return Location(self._local.parent)
-        return Location._remote(self._fs, self._scheme, posixpath.dirname(self._path))
+        return self._child(posixpath.dirname(self._key).rstrip("/"))
 
     def resolve(self) -> Location:
         """An absolute location (a local path made absolute; a URI is already)."""
         return Location(self._local.resolve()) if self._local is not None else self
 
     def __str__(self) -> str:
-        return str(self._local) if self._local is not None else f"{self._scheme}://{self._path}"
+        if self._local is not None:
+            return str(self._local)
+        return self._store + self._key + (f"?{self._query}" if self._query else "")
 
     def __repr__(self) -> str:
         return f"Location({str(self)!r})"
@@ -151,14 +160,13 @@ class Location:
         return hash(str(self))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if self._local is not None:
-            return (Location, (str(self._local),))
-        return (Location._remote, (self._fs, self._scheme, self._path))
+        return (Location, (str(self),))
 
     # ------------------------------------------------------------------ reading
 
     def _info(self) -> Any:
-        return self._fs.get_file_info(self._path)
+        fs, path = self._open()
+        return fs.get_file_info(path)
 
     def exists(self) -> bool:
         if self._local is not None:
@@ -185,8 +193,9 @@ class Location:
         """The whole file; :class:`FileNotFoundError` when there is none."""
         if self._local is not None:
             return self._local.read_bytes()
+        fs, path = self._open()
         try:
-            with self._fs.open_input_stream(self._path) as f:
+            with fs.open_input_stream(path) as f:
                 return f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"no file {self}") from None
@@ -211,7 +220,8 @@ class Location:
             return out
         import pyarrow.fs as pafs
 
-        infos = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
+        fs, path = self._open()
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return [FileEntry(i.base_name, int(i.size or 0),
                           i.mtime.timestamp() if i.mtime is not None else 0.0)
                 for i in infos if i.type == pafs.FileType.File]
@@ -222,8 +232,9 @@ class Location:
             return [Location(p) for p in self._local.iterdir()]
         import pyarrow.fs as pafs
 
-        infos = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
-        return [Location._remote(self._fs, self._scheme, i.path) for i in infos]
+        fs, path = self._open()
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [self / i.base_name for i in infos]
 
     def change_marker(self) -> tuple[int, int, int] | None:
         """What changes whenever a local file is replaced (inode, mtime, size), so a poller
@@ -250,8 +261,9 @@ class Location:
         if self._local is not None:
             _replace_local(self._local, data, durable)
             return
+        fs, path = self._open()
         try:
-            with self._fs.open_output_stream(self._path) as out:
+            with fs.open_output_stream(path) as out:
                 out.write(data)
         except OSError as err:
             raise StorageError(f"cannot write {self}: {err}") from None
@@ -263,8 +275,9 @@ class Location:
         if self._local is not None:
             self._local.unlink(missing_ok=missing_ok)
             return
+        fs, path = self._open()
         try:
-            self._fs.delete_file(self._path)
+            fs.delete_file(path)
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -286,6 +299,25 @@ def _replace_local(path: Path, data: bytes, durable: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _store_environment() -> tuple[tuple[str, str], ...]:
+    """The settings object-store clients read from the environment (a file system opened
+    under other settings, e.g. another endpoint, is not reused)."""
+    return tuple(sorted((k, v) for k, v in os.environ.items()
+                        if k.startswith(("AWS_", "GOOGLE_", "AZURE_", "ARROW_"))))
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(root: str, environment: tuple[tuple[str, str], ...]) -> tuple[Any, str]:
+    """pyarrow's file system for a store's root URI, opened once per process and settings
+    (opening one may cost a request: S3 looks up the bucket's region)."""
+    import pyarrow.fs as pafs  # the object-store layer, only where one is named
+
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise StorageError(f"cannot open run storage {root!r}: {err}") from None
 
 
 def location(where: PathLike) -> Location:

@@ -68,8 +68,10 @@ def test_local_location_reads_like_a_path(tmp_path: Path) -> None:
     assert loc.is_local and loc == tmp_path / "t.parquet"
     pd.DataFrame({"a": [1, 2]}).to_parquet(loc)  # os.PathLike: libraries take it
     assert pd.read_parquet(loc)["a"].tolist() == [1, 2]
+    unknown = Location("nosuch://bucket/x") / "y"  # naming touches nothing
+    assert str(unknown) == "nosuch://bucket/x/y" and unknown.parent.name == "x"
     with pytest.raises(StorageError, match="nosuch"):
-        Location("nosuch://bucket/x")
+        unknown.exists()
 
 
 def test_run_checkpoints_to_s3_and_resumes_from_it(s3: dict[str, str], tmp_path: Path) -> None:
