@@ -11,7 +11,7 @@ from pathlib import Path
 
 from experiments.config import ConfigError
 from experiments.entry import add_run_arguments, config_from_args
-from experiments.run_storage import where_line
+from experiments.run_storage import STORAGE_ENV, where_line
 from experiments.stopping import exit_code
 from metalearn.storage import StorageError
 
@@ -104,10 +104,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from cluster.topology import load_topology
 
     topo = load_topology(args.topology)
-    info = up(topo, _cluster_state_dir(args))
+    # Jobs run in Ray's unpacked copy of their working dir, deleted with the cluster: their
+    # runs go to run storage instead, by default ./runs made absolute (what `edgemeta
+    # federated` uses here), or the EDGEMETA_RUN_STORAGE of this shell.
+    storage = os.environ.get(STORAGE_ENV, "").strip() or str(Path("runs").resolve())
+    info = up(topo, _cluster_state_dir(args), env={STORAGE_ENV: storage})
     print(f"\nLocal cluster up: GCS {info.address}, dashboard {info.dashboard_url}, "
           f"sites {', '.join(topo.site_names)}")
+    print(f"Jobs write their runs to {storage} ({STORAGE_ENV} of every node; it outlives the "
+          "cluster)")
     print(f"Token (mode 0600): {info.token_path}\n\nSubmit a job:\n{info.submit_hint()}")
+    print(f"or, with a config from anywhere: edgemeta submit CONFIG --address "
+          f"{info.dashboard_url} --wait")
     print(f"\nOr connect a driver: cluster.connect.connect('auto', topology)"
           f"\nStop it: edgemeta cluster down"
           f"{' --state-dir ' + args.state_dir if args.state_dir else ''}")
