@@ -61,8 +61,13 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
+    from metalearn.data.fetch import FetchError
 
-    run_demo(args.set)
+    try:
+        run_demo(args.set)
+    except FetchError as err:
+        print(f"edgemeta demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
