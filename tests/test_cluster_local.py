@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import S3_BUCKET, s3_server, train_tiny_run
+from helpers import S3_BUCKET, s3_server
 
 from cluster import auth, local, procs
 from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
@@ -121,24 +121,43 @@ def test_pinned_actor_runs_on_its_site(cluster: ClusterInfo) -> None:
     assert os.environ.get(auth.TOKEN_PATH_ENV) != cluster.token_path  # environment restored
 
 
-def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo,
-                                                        tmp_path: Path) -> None:
+def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo) -> None:
     """``site: site-1`` places the Serve replica on site-1's raylet, not on the head where
-    the request enters, and the response headers say where it was served."""
+    the request enters, and the response headers say where it was served. The run is in run
+    storage (s3), not on a disk the nodes share: the replica reads its checkpoint from there,
+    a model it adapts lands there for any node to load, and it serves one adapted elsewhere."""
     import httpx
+    import torch
 
+    from experiments.config import parse_config
+    from experiments.train import train
     from serve.launch import start
+    from serve.store import ModelStore
 
-    run = train_tiny_run(tmp_path, "sine", "sinusoid")
+    uri = f"s3://{S3_BUCKET}/served/sine"
+    train(parse_config({
+        "name": "sine", "output_dir": f"s3://{S3_BUCKET}/served", "seed": 0,
+        "data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
+        "model": {"name": "sinusoid_mlp"}, "algorithm": {"name": "maml", "inner_lr": 0.01},
+        "train": {"steps": 2, "meta_batch": 2, "checkpoint_every": 1, "log_every": 1},
+        "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}), echo=lambda _: None)
+    here = ModelStore([uri], cache_size=2)  # this process: the head's node, not site-1's
+    elsewhere = here.adapt(here.get("latest"), torch.tensor([[0.0], [1.0]]),
+                           torch.tensor([0.0, 0.8]), steps=1)
     connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
     try:
-        handle = start({"run_dirs": [str(run)], "site": "site-1"}, ingress="proxy",
+        handle = start({"run_dirs": [uri], "site": "site-1"}, ingress="proxy",
                        port=first_free_port(8470, 8500))
         try:
             with httpx.Client(base_url=handle.url, timeout=60) as http:
                 health = http.get("/healthz")
                 answer = http.post("/v1/models/sine@latest/predict",
                                    json={"inputs": [[0.5], [1.5]]})
+                adapted = http.post("/v1/adapt", json={
+                    "base_model": "sine@latest", "support_inputs": [[-1.0], [0.5], [2.0]],
+                    "support_labels": [-0.8, 0.5, 0.9], "steps": 2})
+                theirs = http.post(f"/v1/models/{elsewhere.ref.id}/predict",
+                                   json={"inputs": [[0.5]]})
         finally:
             handle.stop()
     finally:
@@ -149,6 +168,16 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo,
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-edgemeta-node"] == site_node
     assert len(answer.json()["values"]) == 2
+    # made on site-1's node, found in s3 by this process, and the same parameters
+    assert adapted.status_code == 200 and adapted.headers["x-edgemeta-node"] == site_node
+    made = adapted.json()["model_id"]
+    assert made.startswith("sine@ad-") and Location(f"{uri}/adapted/{made[5:]}.pt").is_file()
+    assert here.get(made).id == made
+    # made here, served by site-1's replica from s3
+    assert theirs.status_code == 200, theirs.text
+    model = here.get(elsewhere.ref.id)
+    want = model.algorithm.predict(model.params, torch.tensor([[0.5]]))
+    assert theirs.json()["values"][0] == pytest.approx(float(want.reshape(-1)[0]), abs=1e-5)
 
 
 def test_job_submit_with_token(cluster: ClusterInfo, tmp_path: Path) -> None:
