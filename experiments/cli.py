@@ -35,8 +35,12 @@ def cmd_federated(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from experiments.submit import submit
 
-    return submit(args.config, address=args.address, storage=args.storage,
-                  overrides=args.set, working_dir=args.working_dir, wait=args.wait)
+    try:
+        return submit(args.config, address=args.address, storage=args.storage,
+                      overrides=args.set, working_dir=args.working_dir, wait=args.wait)
+    except ConnectionError as err:  # the Job API client's "failed to connect"
+        print(f"edgemeta submit: error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -80,11 +80,11 @@ def submit_job(config: str, *, address: str | None = None, storage: str | None =
     """Validate ``config`` here and submit it as a job; returns the job's submission id."""
     cfg = load_config(resolve_config(config), overrides)
     root = storage_for_job(cfg, storage)
-    client = job_client(address)
+    entrypoint = job_entrypoint(cfg, root)  # every check before anything reaches the cluster
     runtime_env: dict[str, Any] = {"working_dir": working_dir}
     if env_vars:
         runtime_env["env_vars"] = dict(env_vars)
-    job_id = client.submit_job(entrypoint=job_entrypoint(cfg, root), runtime_env=runtime_env)
+    job_id = job_client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     where = (f"{root.rstrip('/')}/{cfg.name}" if root is not None
              else f"the cluster's {STORAGE_ENV}/{cfg.name} (the job refuses to start without it)")
     echo(f"submitted job {job_id}: {cfg.name} -> {where}\n"
