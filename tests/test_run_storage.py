@@ -91,3 +91,7 @@ def test_submit_checks_before_sending(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli_main(["submit", str(config), "--address", "http://127.0.0.1:9",
                      "--storage", "relative/runs"]) == 2
     assert "--storage 'relative/runs' is relative" in capsys.readouterr().err
+    assert cli_main(["submit", "sinusoid_maml", "--address", "http://127.0.0.1:9"]) == 2
+    assert "the config has no federated section" in capsys.readouterr().err
+    assert cli_main(["submit", str(config), "--address", "http://127.0.0.1:9"]) == 2
+    assert "Failed to connect to Ray at address: http://127.0.0.1:9" in capsys.readouterr().err
