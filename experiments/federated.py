@@ -11,7 +11,8 @@ It mirrors :mod:`experiments.train`, with the batch of tasks replaced by a round
         log a row per round and per site
 
 Entry points: ``edgemeta federated CONFIG`` and ``python -m experiments.federated CONFIG``
-(also what ``ray job submit -- python -m experiments.federated ...`` runs on a cluster).
+(also what ``ray job submit -- python -m experiments.federated ...`` and ``edgemeta submit``
+run on a cluster; the run goes to run storage, :mod:`experiments.run_storage`).
 
 Decisions worth knowing:
 
