@@ -120,7 +120,8 @@ class Location:
                             "metalearn.storage.Location")
         return str(self._local)
 
-    def __truediv__(self, name: str) -> Location:
+    def __truediv__(self, name: str | os.PathLike[str]) -> Location:
+        name = os.fspath(name)
         if self._local is not None:
             return Location(self._local / name)
         if name.startswith("/") or ".." in name.split("/"):
@@ -247,10 +248,10 @@ class Location:
 
     # ------------------------------------------------------------------ writing
 
-    def mkdir(self) -> None:
+    def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         """Make the local folder (and parents); object stores have no folders to make."""
         if self._local is not None:
-            self._local.mkdir(parents=True, exist_ok=True)
+            self._local.mkdir(parents=parents, exist_ok=exist_ok)
 
     def write_bytes(self, data: bytes, *, durable: bool = True) -> None:
         """Replace the file with ``data``: readers see the old file or the new one, never half.
