@@ -258,6 +258,9 @@ def test_submitted_job_keeps_its_run_in_run_storage(cluster: ClusterInfo, tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_steps"] == 3 and summary["federated"]["sites"] == ["site-0", "site-1"]
     assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "job-run"
+    assert (run / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    unpacked = list(Path(cluster.temp_root).glob("**/working_dir_files/*"))
+    assert unpacked and not [p for p in unpacked if (p / "runs").exists()]  # nothing left there
 
     assert wait_for_job(client, refused, echo=lambda _: None, timeout_s=60) == "FAILED"
     refusal = client.get_job_logs(refused)
