@@ -9,22 +9,38 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.config import ConfigError, load_config, resolve_config
+from experiments.config import ConfigError
+from experiments.entry import add_run_arguments, config_from_args
+from experiments.run_storage import STORAGE_ENV, where_line
 from experiments.stopping import exit_code
+from metalearn.storage import StorageError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
+    print(where_line(cfg), flush=True)
     return exit_code(train(cfg, resume=not args.fresh))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
+    print(where_line(cfg), flush=True)
     return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from experiments.submit import submit
+
+    try:
+        return submit(args.config, address=args.address, storage=args.storage,
+                      overrides=args.set, working_dir=args.working_dir, wait=args.wait)
+    except ConnectionError as err:  # the Job API client's "failed to connect"
+        print(f"edgemeta submit: error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -49,8 +65,13 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
+    from metalearn.data.fetch import FetchError
 
-    run_demo(args.set)
+    try:
+        run_demo(args.set)
+    except FetchError as err:
+        print(f"edgemeta demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -92,10 +113,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from cluster.topology import load_topology
 
     topo = load_topology(args.topology)
-    info = up(topo, _cluster_state_dir(args))
+    # Jobs run in Ray's unpacked copy of their working dir, deleted with the cluster: their
+    # runs go to run storage instead, by default ./runs made absolute (what `edgemeta
+    # federated` uses here), or the EDGEMETA_RUN_STORAGE of this shell.
+    storage = os.environ.get(STORAGE_ENV, "").strip() or str(Path("runs").resolve())
+    info = up(topo, _cluster_state_dir(args), env={STORAGE_ENV: storage})
     print(f"\nLocal cluster up: GCS {info.address}, dashboard {info.dashboard_url}, "
           f"sites {', '.join(topo.site_names)}")
+    print(f"Jobs write their runs to {storage} ({STORAGE_ENV} of every node; it outlives the "
+          "cluster)")
     print(f"Token (mode 0600): {info.token_path}\n\nSubmit a job:\n{info.submit_hint()}")
+    print(f"or, with a config from anywhere: edgemeta submit CONFIG --address "
+          f"{info.dashboard_url} --wait")
     print(f"\nOr connect a driver: cluster.connect.connect('auto', topology)"
           f"\nStop it: edgemeta cluster down"
           f"{' --state-dir ' + args.state_dir if args.state_dir else ''}")
@@ -142,20 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="centralized meta-training from a YAML config")
-    p.add_argument("config", help="a YAML file, or the name of a bundled config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    add_run_arguments(p, "the config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("federated", help="federated meta-training across edge sites on Ray")
-    p.add_argument("config", help="a YAML file with a federated section, or a bundled name")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set federated.quorum=2")
+    add_run_arguments(p, "a config with a federated section")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: federated.address, else embedded)")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_federated)
+
+    p = sub.add_parser("submit", help="submit federated training to a cluster as a Ray job "
+                                      "(the config travels with the job)")
+    p.add_argument("config", help="a YAML file (anywhere: it is sent inline), a bundled name, "
+                                  "or a file in run storage")
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
+                        "RAY_ADDRESS)")
+    p.add_argument("--storage", default=None, metavar="ROOT",
+                   help="run storage root for the job: a URI (s3://BUCKET/runs) or an absolute "
+                        "folder on the cluster (default: an absolute output_dir, else the "
+                        "cluster's EDGEMETA_RUN_STORAGE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--working-dir", default=".",
+                   help="the code the job runs (default: this folder, the repository)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run folder's checkpoint on meta-test")
     p.add_argument("run_dir")
@@ -218,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StorageError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,8 @@ It mirrors :mod:`experiments.train`, with the batch of tasks replaced by a round
         log a row per round and per site
 
 Entry points: ``edgemeta federated CONFIG`` and ``python -m experiments.federated CONFIG``
-(also what ``ray job submit -- python -m experiments.federated ...`` runs on a cluster).
+(also what ``ray job submit -- python -m experiments.federated ...`` and ``edgemeta submit``
+run on a cluster; the run goes to run storage, :mod:`experiments.run_storage`).
 
 Decisions worth knowing:
 
@@ -59,10 +60,10 @@ from experiments.config import (
     ConfigError,
     ExperimentConfig,
     FederatedConfig,
-    load_config,
-    resolve_config,
 )
+from experiments.entry import add_run_arguments, config_from_args
 from experiments.loop import RunLoop
+from experiments.run_storage import where_line
 from experiments.runlog import (
     SITES_FILE,
     RowTable,
@@ -84,6 +85,7 @@ from metalearn.checkpoint import save_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
+from metalearn.storage import StorageError
 
 
 def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str | None = None,
@@ -334,19 +336,17 @@ def meta_test_on_cloud(cfg: ExperimentConfig, params: Params, episodes: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.federated",
                                      description="federated meta-training on Ray")
-    parser.add_argument("config", help="a YAML config with a federated section")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_run_arguments(parser, "a YAML config with a federated section")
     parser.add_argument("--address", default=None, help="Ray address (default: embedded)")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(resolve_config(args.config), args.set)
+        cfg = config_from_args(args)
+        print(where_line(cfg), flush=True)
         summary = train_federated(cfg, resume=not args.fresh, address=args.address)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StorageError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
     return exit_code(summary)
-
 
 if __name__ == "__main__":
     sys.exit(main())

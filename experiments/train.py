@@ -10,7 +10,6 @@ checkpoint of its run folder; Ctrl-C or SIGTERM stops after the current step wit
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from metalearn.evaluation import evaluate, evaluate_by_steps
 from metalearn.from_config import algorithm_from_config, sampler_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
+from metalearn.storage import PathLike
 
 
 def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
@@ -115,7 +115,7 @@ def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptim
         echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
 
 
-def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
+def evaluate_run(run_dir: PathLike, step: int | None = None, episodes: int | None = None,
                  overrides: list[str] | None = None, echo: Printer = print) -> dict[str, Any]:
     """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks.
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cluster.ports import free_port
+from metalearn.storage import location
 
 Ingress = Literal["haproxy", "proxy"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
@@ -203,10 +204,10 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
         proxy_location: ProxyLocation = "HeadOnly", **settings: Any) -> int:
     """Serve run folder(s) until interrupted (``edgemeta serve RUN_DIR``)."""
     run_dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
-    for d in run_dirs:
-        if not (Path(d) / "config.yaml").is_file():
+    for d in run_dirs:  # a local folder or a URI in run storage (s3://bucket/runs/NAME)
+        if not (location(d) / "config.yaml").is_file():
             raise FileNotFoundError(f"{d} is not a run folder: config.yaml is missing")
-    app_settings = {"run_dirs": [str(Path(d).resolve()) for d in run_dirs], "site": site,
+    app_settings = {"run_dirs": [str(location(d).resolve()) for d in run_dirs], "site": site,
                     "num_replicas": num_replicas, "token_file": token_file, **settings}
     served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
                    proxy_location=proxy_location)
