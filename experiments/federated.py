@@ -15,9 +15,11 @@ Entry points: ``edgemeta federated CONFIG`` and ``python -m experiments.federate
 
 Decisions worth knowing:
 
-* **Data stays at the edge.** The driver process never opens a data file: site partitions
-  (character ids) are planned by a task on the ``cloud`` node (:mod:`actors.cloud`), the final
-  meta-test runs as another such task, and each edge actor loads its own data.
+* **Data stays at the edge.** Each site reads only its own store (``federated.data``; with
+  no ``stores`` folder given, the run shards the source into ``<run>/stores/<site>`` first,
+  each store made on its own site's node). The cloud plans from the manifests the sites
+  report (counts, never examples; :mod:`actors.cloud`); the driver opens no data file, no
+  cloud task opens a store, and the final meta-test runs as a task on the ``cloud`` node.
 * **Quorum.** A round with fewer than ``federated.quorum`` arrived updates makes no outer step
   (recorded as ``skipped``); after ``max_missed_rounds`` such rounds in a row the run fails
   (after writing a checkpoint), since a federation that cannot reach quorum is not training.
@@ -73,9 +75,11 @@ from experiments.runlog import (
     round_row,
 )
 from experiments.site_jobs import (
+    auto_shard,
     choose_participants,
     federated_section,
     site_jobs,
+    site_stores,
     tasks_per_site,
 )
 from experiments.stopping import exit_code
@@ -284,8 +288,10 @@ class Cloud:
         outer = OuterOptimizer(algorithm_from_config(cfg.to_dict()).init_params(),
                                lr=cfg.train.outer_lr, kind=cfg.train.outer_optimizer)
         try:
+            shard = auto_shard(cfg, topology)
             plans = plan_partitions(cfg.to_dict()["data"], topology, cfg.seed,
-                                    fed.holdout_fraction)
+                                    fed.holdout_fraction, stores=site_stores(cfg, topology),
+                                    shard=shard)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
         federation = Federation.start(
