@@ -48,6 +48,7 @@ from metalearn.sites import SiteTasks, plan_from_manifests
 SITES = 2
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 3
 SCALARS = (bool, int, float, str, type(None))
+CONTRACT_TYPES = (RoundReply, RoundTimings, SiteInfo, StoreManifest, StoreClass)
 NUMERIC_LISTS = {"device_ids": 10_000, "image_shape": 2, "amplitude": 2}
 
 
@@ -137,8 +138,8 @@ class LeakCheck:
         if isinstance(value, bytes | bytearray | memoryview):
             raise AssertionError(f"{path}: raw bytes cross the wire")
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            assert isinstance(value, RoundReply | RoundTimings | SiteInfo | StoreManifest
-                              | StoreClass), f"{path}: {type(value).__name__} is not a contract type"
+            assert isinstance(value, CONTRACT_TYPES), \
+                f"{path}: {type(value).__name__} is not a contract type"
             for f in dataclasses.fields(value):
                 self.check(getattr(value, f.name), f"{path}.{f.name}")
             return
