@@ -103,7 +103,8 @@ class LeakCheck:
         self.numel = numel
         self.width = images.shape[1] * images.shape[2]
         flat = images.reshape(len(images), -1)
-        forms = [flat.astype(np.float32), flat.astype(np.float32) / np.float32(255)]
+        forms = [flat.astype(np.float32), flat.astype(np.float32) / np.float32(255),
+                 (flat / 255.0).astype(np.float32)]
         forms += [t.reshape(-1, self.width).numpy().astype(np.float32) for t in fed]
         self.image_keys = {hash(row.tobytes()) for form in forms for row in form}
         self.labels = [np.asarray(lab, dtype=np.float32).ravel() for lab in labels]
@@ -248,22 +249,28 @@ def test_the_checker_rejects_what_would_leak(one_site) -> None:
     planted[100:100 + 784] = seen.ravel()
     labelled = reply.update.copy()
     labelled[7:7 + labels.size] = labels
+    contract, image_found, labels_found = ("where the contract has none",
+                                           "holds an image of the site", "holds the round's labels")
     doctored = {
-        "pixels as nested lists": dataclasses.replace(
-            reply, metrics={**reply.metrics, "x": (image / 255.0).tolist()}),
-        "raw uint8 pixels as a flat list": {**answers["personalize"], "x": image.ravel().tolist()},
-        "an image inside the update": dataclasses.replace(reply, update=planted),
-        "labels inside the update": dataclasses.replace(reply, update=labelled),
-        "a label vector shaped like a bias": {**answers["personalize"],
-                                              "bias": labels[:bias_shape[0]]},
-        "labels as device ids": dataclasses.replace(
-            reply, device_ids=tuple(int(v) for v in labels)),
-        "a tensor in the metrics": dataclasses.replace(
-            reply, metrics={**reply.metrics, "x": torch.zeros(3)}),
+        "pixels as nested lists": (dataclasses.replace(
+            reply, metrics={**reply.metrics, "x": (image / 255.0).tolist()}), contract),
+        "raw uint8 pixels as a flat list": (
+            {**answers["personalize"], "x": image.ravel().tolist()}, contract),
+        "an image inside the update": (dataclasses.replace(reply, update=planted), image_found),
+        "labels inside the update": (dataclasses.replace(reply, update=labelled), labels_found),
+        "a label vector shaped like a bias": (
+            {**answers["personalize"], "bias": labels[:bias_shape[0]]}, contract),
+        "labels as device ids": (dataclasses.replace(
+            reply, device_ids=tuple(int(v) for v in labels)), labels_found),
+        "a tensor in the metrics": (dataclasses.replace(
+            reply, metrics={**reply.metrics, "x": torch.zeros(3)}), contract),
     }
-    for what, value in doctored.items():
-        with pytest.raises(AssertionError):
+    for what, (value, why) in doctored.items():
+        with pytest.raises(AssertionError, match=why):
             checker.check(value, what)
+    # the content check alone also finds the pixels a contract breach carried
+    with pytest.raises(AssertionError, match=image_found):
+        checker.content("x", np.array((image / 255.0).tolist()))
     # and each doctoring alone is what is caught: the genuine values pass
     checker.check(reply, "round")
     checker.check(answers["personalize"], "personalize")
@@ -317,7 +324,7 @@ def test_driver_never_opens_the_data_file(ray_cluster, tmp_path: Path,
     stores = site_stores(cfg, ray_cluster)
     assert all(Path(p, "manifest.json").is_file() for p in stores.values())  # sharded there
     assert received, "the driver received nothing through ray.get"
-    kinds = {type(v).__name__ for v in received}
+    kinds = {type(x).__name__ for v in received for x in (v if isinstance(v, list) else [v])}
     assert {"StoreManifest", "SiteInfo", "RoundReply"} <= kinds
     checker = LeakCheck(store_images(stores), [], label_vectors(TASKS), numel(cfg))
     for i, value in enumerate(received):
