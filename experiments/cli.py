@@ -69,6 +69,12 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
         what = (f"{manifest.num_classes} classes, {manifest.rows} examples, "
                 f"{len(manifest.groups)} alphabets")
         print(f"{site}: {status} ({what}; {name}) at {stores[site]}")
+    if args.test_store:
+        from metalearn.data.shard import shard_split
+
+        status, manifest = shard_split(args.test_store, "test", cfg.data.path)
+        print(f"meta-test: {status} ({manifest.num_classes} classes, {manifest.rows} examples) "
+              f"at {args.test_store}")
     return 0
 
 
@@ -205,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stores root (default: federated.data.stores, else <run>/stores)")
     f.add_argument("--site", action="append", default=[],
                    help="make only this site's store (repeatable), e.g. on that site's node")
+    f.add_argument("--test-store", default=None, metavar="PATH",
+                   help="also write Omniglot's meta-test split as a store at PATH (for "
+                        "federated.data.test_store on the cloud node)")
     f.set_defaults(func=cmd_data_shard)
 
     p = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")

@@ -364,9 +364,11 @@ class ExperimentConfig(Section):
                              f"{self.data.dataset!r}; use {want!r}")
         if self.data.dataset == "sinusoid" and self.algorithm.name == "protonet":
             raise ValueError("protonet is a classifier; it cannot learn sinusoid regression")
-        if (self.data.dataset == "sinusoid" and self.federated is not None
-                and self.federated.data.stores is not None):
-            raise ValueError("federated.data.stores: sinusoid sites have no examples to store")
+        if self.data.dataset == "sinusoid" and self.federated is not None:
+            for key in ("stores", "test_store"):
+                if getattr(self.federated.data, key) is not None:
+                    raise ValueError(f"federated.data.{key}: sinusoid tasks have no examples "
+                                     "to store")
         return self
 
     @property

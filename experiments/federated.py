@@ -324,10 +324,25 @@ class Cloud:
 # --------------------------------------------------------------------------- the meta-test
 
 def meta_test_task(cfg: ExperimentConfig, params: Params, episodes: int) -> dict[str, Any]:
-    """The meta-test, as a task body (it loads the meta-test data in its own process)."""
+    """The meta-test, as a task body (it loads the meta-test data in its own process): on
+    Omniglot's test split, or on the cloud's own store (``federated.data.test_store``)."""
     from experiments.train import meta_test
 
-    return meta_test(cfg, algorithm_from_config(cfg.to_dict()), params, episodes)
+    algorithm = algorithm_from_config(cfg.to_dict())
+    store = None if cfg.federated is None else cfg.federated.data.test_store
+    if store is None:
+        return meta_test(cfg, algorithm, params, episodes)
+    from metalearn.data.episodes import OmniglotEpisodes
+    from metalearn.data.store import load_store
+    from metalearn.evaluation import evaluate
+
+    data = load_store(store).as_omniglot()
+    ev, train = cfg.eval, cfg.data
+    sampler = OmniglotEpisodes(data, np.arange(data.num_characters), ways=ev.ways or train.ways,
+                               shots=ev.shots or train.shots,
+                               queries=ev.queries or train.queries, rotations=train.rotations,
+                               seed=ev.seed)
+    return evaluate(algorithm, params, sampler.sample, episodes, steps=ev.steps, batch=ev.batch)
 
 
 def meta_test_on_cloud(cfg: ExperimentConfig, params: Params, episodes: int,

@@ -76,6 +76,9 @@ class SiteDataConfig(Section):
     partitioner: PartitionerConfig = Field(default_factory=lambda: AlphabetPartitioner(
         name="alphabet"))
     seed: int | None = Field(None, description="partition seed; default: the run seed")
+    test_store: str | None = Field(
+        None, description="a store on the cloud node holding the meta-test classes (e.g. made "
+                          "by `edgemeta data shard --test-store`); null: Omniglot's test split")
     min_classes: int | None = Field(
         None, ge=1, description="fewest characters a site may get; default 2 x data.ways (a "
                                 "held-out share and a training share of at least ways each)")

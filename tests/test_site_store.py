@@ -30,7 +30,7 @@ from metalearn.data.partition import (
     partition_iid,
     partition_quantity,
 )
-from metalearn.data.shard import ShardSpec, shard_sites
+from metalearn.data.shard import ShardSpec, shard_sites, shard_split
 from metalearn.data.store import (
     MANIFEST,
     StoreError,
@@ -264,3 +264,27 @@ def test_a_store_changed_after_planning_is_refused(alphabet_stores, tmp_path: Pa
         SiteTasks(DATA, moved).load()
     with pytest.raises(ValueError, match="fewer than shots"):
         plan_from_manifests({**DATA, "queries": 20}, {"site-0": manifest}, alphabet_stores, 3)
+
+
+def test_a_meta_test_store_gives_the_test_splits_result(tmp_path: Path) -> None:
+    """The cloud's own meta-test store, made from the test split, scores exactly what the
+    test split itself scores (same characters in the same order: the same episodes)."""
+    from experiments.federated import meta_test_task
+    from metalearn.from_config import algorithm_from_config
+
+    status, manifest = shard_split(tmp_path / "test")
+    assert status == "written" and manifest.num_classes == 423 and len(manifest.groups) == 13
+    assert shard_split(tmp_path / "test")[0] == "up to date"
+    raw = {"name": "mt", "output_dir": str(tmp_path), "seed": 0,
+           "data": {"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 3},
+           "model": {"name": "omniglot_conv", "channels": 4},
+           "eval": {"episodes": 4, "batch": 4}, "federated": {"topology": 2}}
+    split = parse_config(raw)
+    store = parse_config({**raw, "federated": {"topology": 2, "data": {
+        "test_store": str(tmp_path / "test")}}})
+    torch.manual_seed(0)
+    params = algorithm_from_config(split.to_dict()).init_params()
+    assert meta_test_task(store, params, 4) == meta_test_task(split, params, 4)
+    with pytest.raises(ValueError, match=r"federated\.data\.test_store"):
+        parse_config({**raw, "data": {"dataset": "sinusoid"}, "model": {"name": "sinusoid_mlp"},
+                      "federated": {"topology": 2, "data": {"test_store": "x"}}})

@@ -115,3 +115,26 @@ def shard_sites(spec: ShardSpec, stores: Mapping[str, str | Path],
         source = {"dataset": spec.dataset, "split": SOURCE_SPLIT, "sha256": source_hash}
         out[site] = ("written", write_store(store, examples, classes, source, record))
     return out
+
+
+def shard_split(path: str | Path, split: str = "test", source: str | None = None,
+                dataset: str = "omniglot") -> tuple[Status, StoreManifest]:
+    """A store of one whole standard split (default: the 423 meta-test characters), e.g. the
+    cloud's meta-test store; idempotent like :func:`shard_sites`."""
+    from metalearn.data.omniglot import find_omniglot, load_omniglot, split_characters
+
+    if dataset != "omniglot":
+        raise ValueError(f"stores are made from omniglot, not {dataset!r}")
+    omni = load_omniglot(find_omniglot(source))
+    source_hash = file_sha256(omni.path)
+    record = {"split": split, "source_sha256": source_hash}
+    manifest = _current(Path(path), record)
+    if manifest is not None:
+        return "up to date", manifest
+    chars = split_characters(omni, split)  # type: ignore[arg-type]
+    pixels = omni.pixels[chars]
+    classes = [(str(omni.character_names[c]), str(omni.alphabet_names[omni.char_alphabet[c]]),
+                int(pixels.shape[1])) for c in chars]
+    return "written", write_store(path, pixels.reshape(-1, *pixels.shape[2:]).numpy(), classes,
+                                  {"dataset": dataset, "split": split, "sha256": source_hash},
+                                  record)
