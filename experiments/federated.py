@@ -294,6 +294,12 @@ class Cloud:
                                     shard=shard)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
+        if cfg.data.dataset == "omniglot":
+            how = (f"{shard.partitioner['name']} shards made by the run" if shard is not None
+                   else "given")
+            echo(f"  site stores ({how}): " + ", ".join(
+                f"{p['store']} ({len(p['characters']) + len(p['holdout'])} classes)"
+                for p in plans.values()))
         federation = Federation.start(
             site_jobs(cfg, topology, plans, devices, per_site, dim=outer.layout.numel),
             {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
