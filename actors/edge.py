@@ -405,11 +405,6 @@ class EdgeNode:
         never examples (None for a site without a store: sinusoid)."""
         return self.tasks.manifest
 
-    def opened_files(self) -> list[str]:
-        """Paths this actor's process opened since it started (empty unless auditing is on:
-        :mod:`cluster.open_audit`)."""
-        return open_audit.opened()
-
     def sampler_state(self) -> dict[str, int]:
         """All the sampling state there is: tasks are seeded per round, so a counter."""
         return {"rounds_done": self.rounds_done, "last_round": self.last_round}
