@@ -42,6 +42,12 @@ def site_stores(cfg: ExperimentConfig, topology: Topology) -> dict[str, str]:
     for site in topology.sites:
         path = Path(site.store).expanduser() if site.store else Path(site.name)
         out[site.name] = str((path if path.is_absolute() else root / path).absolute())
+    paths = list(out.values())
+    shared = sorted({p for p in paths if paths.count(p) > 1})
+    if shared:
+        raise ConfigError(f"each site needs a store of its own; these resolve to one: {shared} "
+                          "(a site's store, relative to federated.data.stores, names another "
+                          "site's default)")
     return out
 
 

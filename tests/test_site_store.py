@@ -232,6 +232,10 @@ def test_store_paths_and_spec_follow_the_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="store of its own"):
         parse_config({"federated": {"topology": {"sites": [{"name": "a", "store": "s"},
                                                            {"name": "b", "store": "s"}]}}})
+    clash = parse_config({"output_dir": str(tmp_path), "federated": {"topology": {
+        "sites": [{"name": "a", "store": "b"}, {"name": "b"}]}}})
+    with pytest.raises(ValueError, match="resolve to one"):
+        site_stores(clash, clash.federated.resolved_topology())  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------------------ planning
