@@ -7,8 +7,7 @@ its own process on its own node, and reports the store's manifest (:meth:`EdgeNo
 Each round it returns a :class:`~actors.contract.RoundReply`: the update of
 :func:`metalearn.local_update.local_update` as one flat float32 vector of exactly the model's
 parameter count (:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and
-timings. Raw examples
-never leave the actor.
+timings. Raw examples never leave the actor.
 
 Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
 (see :class:`metalearn.sites.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
