@@ -63,6 +63,37 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    """Make each site's store from the source data set (idempotent: an unchanged store is
+    reported "up to date" and left alone)."""
+    from experiments.site_jobs import federated_section, shard_spec, site_stores
+    from metalearn.data.shard import shard_sites
+
+    overrides = list(args.set) + ([f"federated.data.stores={args.stores}"] if args.stores
+                                  else [])
+    cfg = load_config(resolve_config(args.config), overrides)
+    topology = federated_section(cfg).resolved_topology()
+    spec = shard_spec(cfg, topology)
+    stores = site_stores(cfg, topology)
+    try:
+        done = shard_sites(spec, stores, only=args.site or None)
+    except ValueError as err:
+        print(f"edgemeta data shard: error: {err}", file=sys.stderr)
+        return 2
+    name = spec.partitioner["name"]
+    for site, (status, manifest) in done.items():
+        what = (f"{manifest.num_classes} classes, {manifest.rows} examples, "
+                f"{len(manifest.groups)} alphabets")
+        print(f"{site}: {status} ({what}; {name}) at {stores[site]}")
+    if args.test_store:
+        from metalearn.data.shard import shard_split
+
+        status, manifest = shard_split(args.test_store, "test", cfg.data.path)
+        print(f"meta-test: {status} ({manifest.num_classes} classes, {manifest.rows} examples) "
+              f"at {args.test_store}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
     from metalearn.data.fetch import FetchError
@@ -211,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("dataset", choices=["omniglot"])
     f.add_argument("--dest", default=None, help="folder (default: EDGEMETA_DATA_DIR or cache)")
     f.set_defaults(func=cmd_data_fetch)
+    f = data_sub.add_parser("shard", help="make each site's store from the source data set "
+                                          "with the config's partitioner (federated.data)")
+    f.add_argument("config", help="a YAML file with a federated section, or a bundled name")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federated.data.partitioner=iid")
+    f.add_argument("--stores", default=None,
+                   help="the stores root (default: federated.data.stores, else <run>/stores)")
+    f.add_argument("--site", action="append", default=[],
+                   help="make only this site's store (repeatable), e.g. on that site's node")
+    f.add_argument("--test-store", default=None, metavar="PATH",
+                   help="also write Omniglot's meta-test split as a store at PATH (for "
+                        "federated.data.test_store on the cloud node)")
+    f.set_defaults(func=cmd_data_shard)
 
     p = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -25,6 +25,7 @@ from experiments.aggregation_config import AggregatorConfig, WeightedMeanRule
 from experiments.privacy_config import PrivacyConfig
 from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
+from experiments.site_data_config import SiteDataConfig
 from metalearn.attacks import alie_z_max
 from metalearn.storage import Location, is_uri
 from privacy.config import SecAggConfig, majority_threshold
@@ -253,6 +254,8 @@ class FederatedConfig(Section):
                                           "privacy (DP-FedAvg); none by default")
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="mask the updates: the cloud learns only their sum; none by default")
+    data: SiteDataConfig = Field(default_factory=SiteDataConfig,
+                                 description="the sites' stores and how they are sharded")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -362,6 +365,11 @@ class ExperimentConfig(Section):
                              f"{self.data.dataset!r}; use {want!r}")
         if self.data.dataset == "sinusoid" and self.algorithm.name == "protonet":
             raise ValueError("protonet is a classifier; it cannot learn sinusoid regression")
+        if self.data.dataset == "sinusoid" and self.federated is not None:
+            for key in ("stores", "test_store"):
+                if getattr(self.federated.data, key) is not None:
+                    raise ValueError(f"federated.data.{key}: sinusoid tasks have no examples "
+                                     "to store")
         return self
 
     @property
