@@ -66,6 +66,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_data_shard(args: argparse.Namespace) -> int:
     """Make each site's store from the source data set (idempotent: an unchanged store is
     reported "up to date" and left alone)."""
+    from experiments.config import load_config, resolve_config
     from experiments.site_jobs import federated_section, shard_spec, site_stores
     from metalearn.data.shard import shard_sites
 

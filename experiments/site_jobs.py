@@ -37,7 +37,13 @@ def site_stores(cfg: ExperimentConfig, topology: Topology) -> dict[str, str]:
     paths against the stores root), else ``<root>/<site>``; the root is
     ``federated.data.stores``, else the run folder's ``stores/``."""
     fed = federated_section(cfg)
-    root = Path(fed.data.stores).expanduser() if fed.data.stores else cfg.run_dir / "stores"
+    if fed.data.stores:
+        root = Path(fed.data.stores).expanduser()
+    elif cfg.run_dir.is_local:
+        root = cfg.run_dir.path / "stores"
+    else:
+        raise ConfigError(f"the run is in object storage ({cfg.run_dir}), and a site's store "
+                          "is a folder on its node: set federated.data.stores to a local path")
     out = {}
     for site in topology.sites:
         path = Path(site.store).expanduser() if site.store else Path(site.name)
