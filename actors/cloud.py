@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from cluster.topology import ACTOR_RESOURCE_REQUEST, CLOUD_RESOURCE, Topology, site_resource
+from metalearn.data.registry import get_source
 from metalearn.sites import plan_sites
 
 
@@ -43,10 +44,11 @@ def on_cloud(fn: Callable[..., Any], topology: Topology) -> Any:
 
 def plan_partitions(data: Mapping[str, Any], topology: Topology, seed: int,
                     holdout: float) -> dict[str, dict[str, Any]]:
-    """Each site's partition (ids, not data). Omniglot's needs the data set's metadata, so it
-    is computed by a task on the cloud node; sinusoid ranges are arithmetic on the config,
-    computed here. A plan that cannot be made raises :class:`SitePlanError`."""
-    if data["dataset"] == "sinusoid":
+    """Each site's partition (ids, not data). A data set that reads files (Omniglot's metadata,
+    an image folder's classes) is planned by a task on the cloud node; sinusoid ranges are
+    arithmetic on the config, computed here. A plan that cannot be made raises
+    :class:`SitePlanError`."""
+    if not get_source(data).reads_files:
         return plan_sites(data, topology.site_names, seed, holdout)
     try:
         return ray.get(on_cloud(plan_sites, topology).remote(

@@ -64,6 +64,7 @@ from actors.contract import (
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
+from metalearn.data.registry import get_source
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
@@ -145,10 +146,7 @@ class EdgeNode:
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
         t0 = time.perf_counter()
         data = job.learner["data"]
-        if data["dataset"] == "omniglot":  # load now: round 1 times compute only
-            from metalearn.data.omniglot import load_omniglot
-
-            load_omniglot(data.get("path"))
+        get_source(data).prepare(data)  # load now: round 1 times compute only
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self._computed(self._warm_up)
         gc.collect()  # then freeze what is left: torch, the data and the model live for the
