@@ -133,12 +133,18 @@ class ClassSource(FewShotSource):
         return f"data set {self.name}"
 
     def split_classes(self, data: Mapping[str, Any], split: Split) -> np.ndarray:
-        """The meta-training (``train``) or meta-test (``test``) class indices."""
+        """The meta-training (``train``) or meta-test (``test``) class indices that can give a
+        task (``shots + queries`` examples at least; the others are left out with a warning,
+        so no site or device is given a class it cannot sample)."""
+        from metalearn.data.class_episodes import eligible_classes
+
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        train, test = seeded_class_split(self.images(data).names, data.get("split"),
-                                         int(data["ways"]))
-        return train if split == "train" else test
+        images = self.images(data)
+        train, test = seeded_class_split(images.names, data.get("split"), int(data["ways"]))
+        return eligible_classes(images, train if split == "train" else test, int(data["ways"]),
+                                int(data["shots"]) + int(data["queries"]),
+                                f"{self.describe(data)} (meta-{split} classes)")
 
     def sampler(self, data: Mapping[str, Any], split: Split = "train", seed: int = 0,
                 part: Any = None) -> TaskSampler:
