@@ -11,6 +11,7 @@ from pathlib import Path
 
 from experiments.config import ConfigError, load_config, resolve_config
 from experiments.stopping import exit_code
+from metalearn.data.errors import DataSetError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataSetError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
 

@@ -81,6 +81,7 @@ from experiments.site_jobs import (
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
 from metalearn.checkpoint import save_checkpoint
+from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(resolve_config(args.config), args.set)
         summary = train_federated(cfg, resume=not args.fresh, address=args.address)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataSetError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
     return exit_code(summary)

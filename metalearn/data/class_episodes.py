@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metalearn.data.errors import DataSetError
 from metalearn.tasks import TaskBatch
 
 
@@ -106,7 +107,7 @@ def _positive(name: str, value: int) -> int:
 def eligible_classes(images: ClassImages, classes: np.ndarray | Sequence[int], ways: int,
                      need: int, what: str = "the data") -> np.ndarray:
     """``classes`` that hold at least ``need`` examples; warns naming those left out and
-    raises ``ValueError`` if fewer than ``ways`` remain."""
+    raises :class:`DataSetError` if fewer than ``ways`` remain."""
     chosen = np.asarray(classes, dtype=np.int64)
     if chosen.ndim != 1 or chosen.size == 0:
         raise ValueError(f"classes must be a non-empty 1-D array, got shape {chosen.shape}")
@@ -123,7 +124,7 @@ def eligible_classes(images: ClassImages, classes: np.ndarray | Sequence[int], w
                       SmallClassWarning, stacklevel=3)
     kept = chosen[~small]
     if kept.size < ways:
-        raise ValueError(f"{what}: only {kept.size} of {chosen.size} classes have at least "
+        raise DataSetError(f"{what}: only {kept.size} of {chosen.size} classes have at least "
                          f"shots + queries = {need} examples, but {ways}-way tasks need {ways} "
                          "(add examples or classes, or lower ways, shots or queries)")
     return kept

@@ -36,12 +36,13 @@ import numpy as np
 import torch
 
 from metalearn.data.class_episodes import ClassImages
+from metalearn.data.errors import DataSetError
 from metalearn.data.source import ClassSource
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(DataSetError):
     """An image folder that cannot be used; the message names the setting and the files."""
 
 

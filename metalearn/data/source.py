@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from metalearn.data.errors import DataSetError
 from metalearn.tasks import TaskBatch
 
 TaskType = Literal["classification", "regression"]
@@ -94,7 +95,7 @@ def seeded_class_split(names: Sequence[str], split: Mapping[str, Any] | None,
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(named) - set(index))
         if unknown:
-            raise ValueError(f"data.split.test_classes: {unknown[:5]} are not class folders "
+            raise DataSetError(f"data.split.test_classes: {unknown[:5]} are not class folders "
                              f"of the data (it has {n} classes)")
         test = np.array(sorted(index[name] for name in set(named)), dtype=np.int64)
     else:
@@ -104,7 +105,7 @@ def seeded_class_split(names: Sequence[str], split: Mapping[str, Any] | None,
         test = np.sort(perm[:k]).astype(np.int64)
     train = np.setdiff1d(np.arange(n, dtype=np.int64), test)
     if train.size < ways:
-        raise ValueError(f"data.split leaves {train.size} meta-training classes of {n}; "
+        raise DataSetError(f"data.split leaves {train.size} meta-training classes of {n}; "
                          f"{ways}-way tasks need at least {ways} (add classes or lower "
                          "data.split.test_fraction)")
     return train, test
@@ -159,7 +160,7 @@ class ClassSource(FewShotSource):
         """Whole classes per site, and what else a site's plan says. Default: a seeded IID
         split (shuffled, cut into near-equal parts)."""
         if sites > classes.size:
-            raise ValueError(f"cannot give {sites} sites a class each: there are only "
+            raise DataSetError(f"cannot give {sites} sites a class each: there are only "
                              f"{classes.size} meta-training classes")
         shuffled = np.random.default_rng(seed).permutation(classes)
         return [(np.sort(part), {}) for part in np.array_split(shuffled, sites)]
