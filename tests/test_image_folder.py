@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from image_folders import CLASSES, SMALL, make_image_folder
 from PIL import Image
 
+from experiments.cli import main
 from experiments.config import ConfigError, parse_config
 from metalearn.algorithms import ALGORITHMS
 from metalearn.data.class_episodes import ClassEpisodes, ClassImages, SmallClassWarning
@@ -101,6 +103,16 @@ def test_clear_errors_for_a_missing_folder_unreadable_images_and_too_few_classes
             parse_config(raw)
     with pytest.raises(ConfigError, match=r"data\.split: Omniglot uses the standard"):
         parse_config({"data": {"dataset": "omniglot", "split": {"test_fraction": 0.1}}})
+
+
+def test_the_command_line_names_a_missing_folder_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = {**config(tmp_path / "missing"), "name": "x", "output_dir": str(tmp_path / "runs")}
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edgemeta: error: data.root: {tmp_path / 'missing'} does not exist (an "
+                   "image folder holds one sub-folder per class, image files inside)")
 
 
 # --------------------------------------------------------------------------------- sampler
