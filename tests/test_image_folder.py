@@ -23,6 +23,7 @@ from PIL import Image
 from experiments.cli import main
 from experiments.config import ConfigError, parse_config
 from metalearn.algorithms import ALGORITHMS
+from metalearn.data import image_folder
 from metalearn.data.class_episodes import ClassEpisodes, ClassImages, SmallClassWarning
 from metalearn.data.image_folder import ImageFolderError, load_image_folder
 from metalearn.data.registry import SOURCES, get_source, register_source
@@ -76,7 +77,7 @@ def test_loads_every_image_resized_with_the_channels_asked(
 
 
 def test_clear_errors_for_a_missing_folder_unreadable_images_and_too_few_classes(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ImageFolderError, match=r"data.root: .*nowhere does not exist"):
         load_image_folder(tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
@@ -90,6 +91,14 @@ def test_clear_errors_for_a_missing_folder_unreadable_images_and_too_few_classes
     with pytest.raises(ImageFolderError, match=r"1 file\(s\) could not be read.*broken.png"):
         load_image_folder(root)
     (root / CLASSES[0] / "broken.png").unlink()
+    before = load_image_folder(root)
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(root / CLASSES[0] / "new.png")
+    assert load_image_folder(root) is before  # within RECHECK_S: the files are not listed
+    monkeypatch.setattr(image_folder, "RECHECK_S", 0.0)
+    after = load_image_folder(root)
+    grown = before.names.index(CLASSES[0])
+    assert after.counts[grown] == before.counts[grown] + 1
+    assert after.pixels.shape[0] == 1 + before.pixels.shape[0]
     with pytest.raises(ValueError, match=r"meta-train classes\): only 0 of 3 .* 3-way tasks"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallClassWarning)

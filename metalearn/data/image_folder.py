@@ -13,8 +13,8 @@ configured channels (``L`` grey or ``RGB``: colour images become grey by luminan
 images are repeated over three channels, an alpha channel is dropped) and resized to
 ``image_size`` with Pillow's Lanczos filter (the aspect ratio is not kept: crop beforehand
 if it matters). The result is held as :class:`~metalearn.data.class_episodes.ClassImages`
-(uint8), read once per process and folder state, and sampled by
-:class:`~metalearn.data.class_episodes.ClassEpisodes`.
+(uint8), read once per process and folder state (looked at again at most every 30 s), and
+sampled by :class:`~metalearn.data.class_episodes.ClassEpisodes`.
 
 Config (``data``): ``dataset: image_folder``, ``root``, ``image_size`` (an int, or
 ``[height, width]``), ``channels`` (1 or 3), ``split`` (``test_fraction`` + ``seed``, or
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,7 +113,8 @@ def _decode(path: Path, hw: tuple[int, int], mode: str) -> np.ndarray | str:
 def load_image_folder(root: str | Path, image_size: int | tuple[int, int] = 28,
                       channels: int = 1, threads: int | None = None) -> ClassImages:
     """Read every class folder of ``root`` into :class:`ClassImages` (cached per process,
-    keyed by the folder's files, sizes and modification times, the size and channels)."""
+    keyed by the folder's files, sizes and modification times, the size and channels; the
+    files are looked at again at most every :data:`RECHECK_S` seconds)."""
     if channels not in (1, 3):
         raise ImageFolderError(f"data.channels must be 1 (grey) or 3 (RGB), not {channels!r}")
     try:
@@ -121,10 +123,16 @@ def load_image_folder(root: str | Path, image_size: int | tuple[int, int] = 28,
         raise ImageFolderError("reading an image folder needs Pillow: pip install "
                                "'edgemeta[data]'") from None
     hw = image_hw(image_size)
+    place = (str(Path(root).expanduser().resolve()), hw, channels)
+    with _cache_lock:  # every sampler asks (a device, each round): look at the files seldom
+        looked = _looked.get(place)
+        if looked is not None and time.monotonic() - looked[0] < RECHECK_S:
+            return looked[1]
     files = class_files(root)
-    key = (str(Path(root).expanduser().resolve()), hw, channels, _fingerprint(files))
+    key = (*place, _fingerprint(files))
     with _cache_lock:
         if key in _cache:
+            _looked[place] = (time.monotonic(), _cache[key])
             return _cache[key]
     paths = [p for ps in files.values() for p in ps]
     if not paths:
@@ -145,10 +153,15 @@ def load_image_folder(root: str | Path, image_size: int | tuple[int, int] = 28,
     images = ClassImages(pixels, np.concatenate([[0], np.cumsum(counts)]), tuple(files))
     with _cache_lock:
         _cache[key] = images
+        _looked[place] = (time.monotonic(), images)
     return images
 
 
+#: Seconds during which a folder already read is served from memory without listing its
+#: files again (listing and stat-ing a large folder for every sampler built would dominate).
+RECHECK_S = 30.0
 _cache: dict[tuple[str, tuple[int, int], int, str], ClassImages] = {}
+_looked: dict[tuple[str, tuple[int, int], int], tuple[float, ClassImages]] = {}
 _cache_lock = threading.Lock()
 
 
