@@ -62,7 +62,8 @@ class FewShotSource(ABC):
     @abstractmethod
     def input_shape(self, data: Mapping[str, Any]) -> tuple[int, ...]:
         """The shape of one input: ``(channels, height, width)`` for images, ``(1,)`` for a
-        scalar. Read from the config alone (no file), so a serving replica knows it."""
+        scalar. The built-in sources read it from the config alone (no file), so a serving
+        replica knows it without the data."""
 
     def prepare(self, data: Mapping[str, Any]) -> None:
         """Load what sampling needs now (an edge site does before its first round)."""
@@ -71,8 +72,9 @@ class FewShotSource(ABC):
     @abstractmethod
     def sampler(self, data: Mapping[str, Any], split: Split = "train", seed: int = 0,
                 part: Any = None) -> TaskSampler:
-        """A seeded sampler of ``split``'s tasks, or of ``part`` (a site's or device's share,
-        as :meth:`plan_sites` and :meth:`device_parts` give it) when given."""
+        """A seeded sampler of ``split``'s tasks, or of ``part`` when given: a site's or
+        device's share, as :meth:`partition_sites` (then :mod:`metalearn.sites`) makes it
+        (class indices for a class source, an amplitude range for sinusoid)."""
 
     @abstractmethod
     def partition_sites(self, data: Mapping[str, Any], sites: Sequence[str],
