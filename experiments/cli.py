@@ -13,6 +13,7 @@ from experiments.config import ConfigError
 from experiments.entry import add_run_arguments, config_from_args
 from experiments.run_storage import STORAGE_ENV, where_line
 from experiments.stopping import exit_code
+from metalearn.data.errors import DataSetError
 from metalearn.storage import StorageError
 
 
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, StorageError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, DataSetError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
 

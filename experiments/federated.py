@@ -86,6 +86,7 @@ from experiments.site_jobs import (
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
 from metalearn.checkpoint import save_checkpoint
+from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
@@ -292,7 +293,9 @@ class Cloud:
         try:
             shard = auto_shard(cfg, topology)
             plans = plan_partitions(cfg.to_dict()["data"], topology, cfg.seed,
-                                    fed.holdout_fraction, stores=site_stores(cfg, topology),
+                                    fed.holdout_fraction,
+                                    stores=(site_stores(cfg, topology)
+                                            if cfg.data.dataset == "omniglot" else None),
                                     shard=shard)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         print(where_line(cfg), flush=True)
         summary = train_federated(cfg, resume=not args.fresh, address=args.address)
-    except (ConfigError, FileNotFoundError, StorageError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, DataSetError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
     return exit_code(summary)

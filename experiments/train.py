@@ -21,7 +21,7 @@ from experiments.runlog import RunLog, headline
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
-from metalearn.from_config import algorithm_from_config, sampler_from_config
+from metalearn.from_config import algorithm_from_config, sampler_from_config, task_type
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
 from metalearn.storage import PathLike
@@ -34,7 +34,7 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
     data.update({k: v for k in ("ways", "shots", "queries")
                  if (v := getattr(cfg.eval, k)) is not None})
     sampler = sampler_from_config(data, "test", seed=cfg.eval.seed)
-    if cfg.data.dataset == "sinusoid":
+    if task_type(data) == "regression":
         by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
                                      steps_list=cfg.eval.steps_list, batch=cfg.eval.batch)
         ordered = sorted(by_steps.items())
@@ -75,7 +75,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
                 "elapsed_s": loop.elapsed_s})
             log.flush()
 
-        shape = (f"{cfg.data.shots}-shot" if cfg.data.dataset == "sinusoid"
+        shape = (f"{cfg.data.shots}-shot" if task_type(config["data"]) == "regression"
                  else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
         echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
              f"for {cfg.train.steps} steps -> {run_dir}")

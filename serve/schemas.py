@@ -2,34 +2,47 @@
 
 Types here reject what JSON can smuggle into a float field: strings, booleans, ``NaN`` and
 ``Infinity`` (Python's JSON parser accepts the last two), so a bad value is a 422 naming its
-place before any tensor is built. Shapes depend on the model being asked (28×28 images or
-sinusoid scalars), so they are checked later, against the model (:mod:`serve.signature`), and so
-are packed inputs (``*_b64``: float32, base64), which are decoded there and held to the same
-count limits and finite values.
+place before any tensor is built. Shapes depend on the model being asked (the data set's
+``(channels, height, width)`` images or sinusoid scalars), so they are checked later, against
+the model (:mod:`serve.signature`), and so are packed inputs (``*_b64``: float32, base64),
+which are decoded there and held to the same count limits and finite values.
 The limits in the schema are hard ceilings for the OpenAPI document; the smaller, configurable
 limits of :class:`ServeSettings` are enforced by the application.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 #: Upper bounds written into the OpenAPI schema; the deployment may set lower ones.
 HARD_MAX_INPUTS = 4096
 HARD_MAX_STEPS = 1000
-#: base64 characters of HARD_MAX_INPUTS packed 28×28 float32 images (4 per 3 bytes, rounded up).
-HARD_MAX_PACKED_CHARS = 4 * ((HARD_MAX_INPUTS * 28 * 28 * 4 + 2) // 3)
+#: Numbers one input may hold at most in the schema (a 3×128×128 image); the body limit of
+#: :class:`ServeSettings` and the run's input shape bound requests far below.
+HARD_MAX_INPUT_VALUES = 3 * 128 * 128
+#: base64 characters of HARD_MAX_INPUTS packed such inputs (4 per 3 bytes, rounded up).
+HARD_MAX_PACKED_CHARS = 4 * ((HARD_MAX_INPUTS * HARD_MAX_INPUT_VALUES * 4 + 2) // 3)
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-#: One input: a sinusoid ``x`` (a number, or ``[x]``), or a 28×28 image (rows of numbers).
-Input = FiniteFloat | list[FiniteFloat] | list[list[FiniteFloat]]
+#: One input: a sinusoid ``x`` (a number, or ``[x]``), a grey image (rows of numbers), or an
+#: image with its channel axis (channels of rows of numbers).
+Input = (FiniteFloat | list[FiniteFloat] | list[list[FiniteFloat]]
+         | list[list[list[FiniteFloat]]])
 #: The same inputs packed: little-endian float32 values, row-major, in standard base64.
 Packed = Annotated[str, Field(min_length=1, max_length=HARD_MAX_PACKED_CHARS,
                               description="base64 of little-endian float32 values, row-major: "
-                                          "N×28×28 for Omniglot, N for sinusoid; read 4-8× "
-                                          "faster than JSON numbers, in a smaller body")]
+                                          "N×C×H×W for images (the run's input_shape), N for "
+                                          "sinusoid; read 4-8× faster than JSON numbers, in a "
+                                          "smaller body")]
+
+#: What every input field says about shapes; the served runs' own shapes are added to the
+#: API document when the application starts (:func:`document_input_shapes`).
+INPUTS_HELP = ("Each input has the run's input_shape (GET /v1/models; the API description "
+               "lists every served run's): images are channels of rows of numbers in [0, 1] "
+               "(a 1-channel image may be given as rows alone); sinusoid inputs are numbers "
+               "(x values), or one-element lists.")
 
 
 def _one_of(body: BaseModel, field: str) -> None:
@@ -49,9 +62,7 @@ class PredictRequest(_Body):
     """A batch of inputs for one model."""
 
     inputs: list[Input] | None = Field(
-        None, min_length=1, max_length=HARD_MAX_INPUTS,
-        description="Omniglot: N images, each 28 rows of 28 numbers in [0, 1]; "
-                    "sinusoid: N numbers (x values), or N one-element lists.",
+        None, min_length=1, max_length=HARD_MAX_INPUTS, description=INPUTS_HELP,
         examples=[[-2.0, 0.0, 1.5]])
     inputs_b64: Packed | None = None
 
@@ -85,7 +96,8 @@ class AdaptRequest(_Body):
     base_model: str = Field("latest", max_length=200,
                             description="a meta-model version (`latest`, `run@12`), a site model"
                                         " or an adapted model")
-    support_inputs: list[Input] | None = Field(None, min_length=1, max_length=HARD_MAX_INPUTS)
+    support_inputs: list[Input] | None = Field(None, min_length=1, max_length=HARD_MAX_INPUTS,
+                                               description=INPUTS_HELP)
     support_inputs_b64: Packed | None = None
     support_labels: list[StrictInt] | list[FiniteFloat] = Field(
         min_length=1, max_length=HARD_MAX_INPUTS,
@@ -148,6 +160,8 @@ class RunInfo(BaseModel):
     dataset: str
     task_type: Literal["classification", "regression"]
     ways: int | None
+    input_shape: list[int] = Field(description="one input's shape: [channels, height, width] "
+                                   "for images, [1] for sinusoid x values")
     latest: str | None
 
 
@@ -218,3 +232,16 @@ class ServeSettings(BaseModel):
     @classmethod
     def _one_or_many(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
+
+
+def document_input_shapes(spec: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The OpenAPI document ``spec`` saying which input shape each served run expects: in the
+    API's description, and as ``x-edgemeta-input-shapes`` (run name -> shape) beside it."""
+    lines = [f"- `{run}`: inputs of shape {shape}" + (
+        " (channels, height, width)" if len(shape) == 3 else "") for run, shape in shapes.items()]
+    info = spec.setdefault("info", {})
+    info["description"] = (info.get("description", "") + "\n\nInput shapes of the runs served "
+                           "here (a model id names its run; `latest` is the first):\n"
+                           + "\n".join(lines))
+    info["x-edgemeta-input-shapes"] = {run: list(shape) for run, shape in shapes.items()}
+    return spec

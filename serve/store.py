@@ -259,6 +259,7 @@ class RunStore:
         sig = self.signature
         run = {"run": self.name, "algorithm": sig.algorithm, "dataset": sig.dataset,
                "task_type": sig.task_type, "ways": sig.ways,
+               "input_shape": list(sig.input_shape),
                "latest": None if latest is None else f"{self.name}@{latest}"}
         return {"run": run, "meta_models": metas,
                 "site_models": sorted(sites, key=lambda s: s["id"]),
