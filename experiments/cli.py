@@ -60,7 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
                ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
                num_replicas=args.replicas, address=args.address,
-               proxy_location=args.proxy_location, access_log=args.access_log)
+               proxy_location=args.proxy_location, access_log=args.access_log,
+               adapted_max_models=args.adapted_max_models,
+               adapted_max_bytes=args.adapted_max_bytes)
 
 
 def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true",
                    help="Serve's per-request log line in each replica (off by default: it "
                         "cost 15-24%% of throughput here; HAProxy can log at the ingress)")
+    p.add_argument("--adapted-max-models", type=int, default=1000,
+                   help="adapted models kept per run folder (least recently used deleted)")
+    p.add_argument("--adapted-max-bytes", type=int, default=1 << 30,
+                   help="bytes of adapted models kept per run folder (default 1 GiB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cluster", help="a local multi-node Ray cluster (a raylet per site)")
