@@ -21,10 +21,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
-    from experiments.federated import train_federated
+    from experiments.federated import QUORUM_LOST_EXIT, QuorumLost, train_federated
 
     cfg = load_config(resolve_config(args.config), args.set)
-    return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+    try:
+        return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+    except QuorumLost as err:  # an outcome of the run, not a bug: one line, no traceback
+        print(f"edgemeta federated: {err}", file=sys.stderr)
+        return QUORUM_LOST_EXIT
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

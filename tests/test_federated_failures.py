@@ -67,14 +67,38 @@ def test_a_site_that_raises_is_reported_and_the_rounds_go_on(cluster, tmp_path: 
     assert summary["federated"]["failed"] == {"site-1": 2}
 
 
-def test_below_quorum_rounds_are_skipped_then_the_run_fails(cluster, tmp_path: Path) -> None:
+def test_below_quorum_the_run_stops_with_one_line_and_resumes_with_another_quorum(
+        cluster, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two of three sites fail every round: with quorum 2 the command stops after
+    ``max_missed_rounds`` with one line naming the setting (no traceback), and the same command
+    with a lower quorum resumes from that round and finishes."""
+    import yaml
+
+    from experiments.federated import QUORUM_LOST_EXIT, main
+
     cfg = config(tmp_path, "no-quorum", rounds=5, fail_sites=["site-0", "site-1"], quorum=2,
                  max_missed_rounds=2)
-    with pytest.raises(RuntimeError, match="2 rounds in a row below quorum 2"):
-        train_federated(cfg, echo=lambda _: None)
+    config_file = tmp_path / "no-quorum.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main([str(config_file)]) == QUORUM_LOST_EXIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "2 rounds in a row below federated.quorum=2" in err[0]
+    assert "1 of 3 updates arrived" in err[0] and "--set federated.quorum=1" in err[0]
+    assert "site-0 failed (RuntimeError: injected failure at site-0" in err[0]
     rounds, _ = tables(cfg)
     assert rounds["skipped"].tolist() == [True, True]
     assert load_checkpoint(cfg.run_dir)["step"] == 2
+
+    # (stop after round 4, to skip the final meta-test: the point is that rounds go on)
+    assert main([str(config_file), "--set", "federated.quorum=1",
+                 "--set", "federated.stop_after_rounds=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "the 2 round(s) missed before round 2 no longer count" in out
+    rounds, _ = tables(cfg)
+    assert rounds["round"].tolist() == [1, 2, 3, 4]
+    assert rounds["skipped"].tolist() == [True, True, False, False]
+    assert load_checkpoint(cfg.run_dir)["step"] == 4
 
 
 def test_a_slow_site_is_late_and_its_update_never_applied(cluster, tmp_path: Path) -> None:
