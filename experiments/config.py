@@ -53,6 +53,12 @@ class DataConfig(Section):
                 raise ValueError(f"{name}: low {lo} is above high {hi}")
         return self
 
+    @property
+    def test_tasks(self) -> str:
+        """What meta-test episodes are made of, in words (sinusoid has no classes)."""
+        return ("sine tasks (new amplitudes and phases)" if self.dataset == "sinusoid"
+                else "held-out classes")
+
 
 class ModelConfig(Section):
     name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"

@@ -153,7 +153,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         personal = cloud.federation.personalize(cloud.outer.params, fed.personalize_episodes,
                                                 echo)
         cloud.federation.release()  # the sites' work is done: free them before the meta-test
-        echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
+        echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
         result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.eval.episodes, topology)
         summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                    "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
@@ -206,6 +206,7 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
             if cloud.privacy is not None:
                 cloud.privacy.write(cfg.run_dir, loop.step)
 
+        last_trouble: list[str] = []
         for round_idx in loop.steps(save=checkpoint):
             t0 = time.perf_counter()
             row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed)
@@ -219,8 +220,12 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                 echo(f"  round {round_idx}: meta-test {headline(result)}")
             log.append(row)
             trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
-            if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
+            # Trouble is news when it changes (a site goes down, comes back, turns late); a
+            # site down for an hour is one line, not one a round (the rows keep every round).
+            if (round_idx % cfg.train.log_every == 0 or round_idx == rounds
+                    or trouble != last_trouble):
                 echo(round_line(row, rounds, trouble))
+            last_trouble = trouble
             if cloud.missed >= fed.max_missed_rounds:
                 checkpoint()
                 raise quorum_lost(fed, cloud.missed, round_idx, outcome)
