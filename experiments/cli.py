@@ -135,6 +135,24 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_cluster_errors
+def cmd_cluster_stop_site(args: argparse.Namespace) -> int:
+    from cluster.local import stop_site
+
+    stop_site(_cluster_state_dir(args), args.site, grace_s=args.grace)
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_restart_site(args: argparse.Namespace) -> int:
+    from cluster.local import restart_site
+
+    info = restart_site(_cluster_state_dir(args), args.site, grace_s=args.grace,
+                        timeout_s=args.timeout)
+    print(f"site {args.site} up as node {info.nodes[args.site].node_id[:12]}")
+    return 0
+
+
 def cmd_cluster_token(args: argparse.Namespace) -> int:
     from cluster.auth import write_token_file
 
@@ -218,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = cluster_sub.add_parser("status", help="nodes, alive state and resources")
     c.add_argument("--state-dir", default=None, help=state_help)
     c.set_defaults(func=cmd_cluster_status)
+    c = cluster_sub.add_parser("stop-site", help="stop one site's node (and what a killed "
+                               "raylet left behind); restart-site brings it back")
+    c.add_argument("site")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.add_argument("--grace", type=float, default=10.0, help="seconds to wait before SIGKILL")
+    c.set_defaults(func=cmd_cluster_stop_site)
+    c = cluster_sub.add_parser("restart-site", help="stop what runs of a site, start it again "
+                               "(it joins as a new node; its actors come back on it)")
+    c.add_argument("site")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.add_argument("--grace", type=float, default=10.0, help="seconds to wait before SIGKILL")
+    c.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the node to be alive")
+    c.set_defaults(func=cmd_cluster_restart_site)
     c = cluster_sub.add_parser("token", help="write a new auth token file for cluster.yaml")
     c.add_argument("path", nargs="?", default="~/.edgemeta/cloud_auth_token")
     c.set_defaults(func=cmd_cluster_token)
