@@ -380,10 +380,60 @@ def test_generated_requests_get_no_server_error(url: str, tmp_path: Path) -> Non
     which a schema cannot promise here (input shapes, label counts and packed sizes depend on
     the model asked)."""
     exe = Path(sys.executable).with_name("schemathesis")
-    cmd = [str(exe), "run", f"{url}/openapi.json", "--max-examples", "40", "--seed", "17",
+    cmd = [str(exe), "run", f"{url}/openapi.json", "--max-examples", "30", "--seed", "17",
            "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--no-color"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     summary = proc.stdout.split("SUMMARY")[-1]
     print(summary)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert " passed" in summary and "failed" not in summary
+
+
+def test_a_replica_killed_under_load_costs_the_client_no_error(url: str) -> None:
+    """Four clients predict without pause while the replica of ``/`` is SIGKILLed: Serve
+    starts another, and the project's client (default retries) sees no error. Last in the
+    module: it replaces the replica the tests above compare against."""
+    import signal
+
+    from cluster import procs
+    from serve.client import EdgeMetaClient
+
+    before = httpx.get(f"{url}/healthz", timeout=30).json()["replica"]
+    table = procs.process_table()
+    mine = procs.descendants(table, [os.getpid()])  # this test's Ray, not another's
+    victims = [p for p in mine if table[p].cmdline.startswith("ray::ServeReplica:edgemeta:")]
+    assert len(victims) == 1, [table[p].cmdline[:80] for p in victims]
+    stop, answers, errors = threading.Event(), [0], []
+
+    def predict_forever(i: int) -> None:
+        with EdgeMetaClient(url, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    client.predict("latest", torch.full((1, 28, 28), 0.1 * i))
+                    answers[0] += 1
+                except Exception as err:  # what a caller would see
+                    errors.append(f"{type(err).__name__}: {err}"[:300])
+
+    clients = [threading.Thread(target=predict_forever, args=(i,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(1.0)
+        os.kill(victims[0], signal.SIGKILL)
+        t0, after = time.monotonic(), before
+        while after == before and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+            try:
+                r = httpx.get(f"{url}/healthz", timeout=30)
+            except httpx.HTTPError:
+                continue  # no replica behind the proxy yet
+            after = r.json()["replica"] if r.status_code == 200 else before
+        time.sleep(1.0)  # and a little under the new replica
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    print(f"\nreplica {before} -> {after} in {time.monotonic() - t0:.1f} s; "
+          f"{answers[0]} answers, {len(errors)} errors")
+    assert after != before and answers[0] > 0
+    assert errors == []
