@@ -224,6 +224,10 @@ def test_a_killed_raylet_is_seen_dead_then_restart_site_brings_it_back(
     sites = pd.read_parquet(cfg.run_dir / "sites.parquet")
     assert sites.set_index("site")["status"].to_dict() == {"site-0": "ok", "site-1": "ok"}
 
+    assert cli_main(["cluster", "stop-site", "site-1", "--state-dir", state, "--grace", "5"]) == 0
+    assert not nodes.node_pids(procs.process_table(), read_state(state).nodes["site-1"])
+    local.wait_site(state, "site-1", alive=False, timeout_s=10)
+
 
 def test_second_up_is_refused(cluster: ClusterInfo, tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="already up"):
