@@ -84,6 +84,12 @@ class DataConfig(Section):
 
         return get_source(self.dataset).input_shape(self.model_dump(mode="json"))
 
+    @property
+    def test_tasks(self) -> str:
+        """What meta-test episodes are made of, in words (sinusoid has no classes)."""
+        return ("sine tasks (new amplitudes and phases)" if self.dataset == "sinusoid"
+                else "held-out classes")
+
 
 class ModelConfig(Section):
     name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"

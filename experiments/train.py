@@ -85,7 +85,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
         return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
                 "train_time_s": round(loop.elapsed_s, 2)}
 
-    echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
+    echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
     result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes)
     summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),

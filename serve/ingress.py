@@ -98,7 +98,8 @@ class Ingress:
         import ray
 
         self.settings = s = ServeSettings.model_validate(settings)
-        self.store = ModelStore(s.run_dirs, poll_s=s.latest_poll_ms / 1e3, cache_size=0)
+        self.store = ModelStore(s.run_dirs, poll_s=s.latest_poll_ms / 1e3, cache_size=0,
+                                quota=s.adapted_quota())
         self.replicas = model_replicas
         self.local = ModelHost(settings, multiplexed=False) if model_replicas is None else None
         shapes = {name: list(run.signature.input_shape) for name, run in self.store.runs.items()}
