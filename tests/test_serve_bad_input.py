@@ -56,7 +56,7 @@ def _adapted_file_bytes(run: Path) -> int:
     store = ModelStore([run], poll_s=0.0, cache_size=1)
     x = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
     ref = store.adapt(store.get("latest"), x, torch.arange(5), steps=1).ref
-    size = ref.path.stat().st_size
+    size = ref.path.path.stat().st_size  # a local run folder here
     ref.path.unlink()
     return size
 
