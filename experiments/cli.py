@@ -8,23 +8,36 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.config import ConfigError, load_config, resolve_config
 from experiments.stopping import exit_code
+
+if TYPE_CHECKING:  # experiments.progress imports rich: only when a command runs
+    from experiments.progress import RunConsole
+
+
+def _console() -> RunConsole:
+    from experiments.progress import RunConsole
+
+    return RunConsole()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
     cfg = load_config(resolve_config(args.config), args.set)
-    return exit_code(train(cfg, resume=not args.fresh))
+    out = _console()
+    return exit_code(train(cfg, resume=not args.fresh, echo=out.echo, progress=out))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
     cfg = load_config(resolve_config(args.config), args.set)
-    return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+    out = _console()
+    return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address,
+                                     echo=out.echo, progress=out))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -50,17 +63,31 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
 
-    run_demo(args.set)
+    out = _console()
+    run_demo(args.set, echo=out.echo, progress=out)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.launch import run
+    from serve.launch import StartError, run
 
-    return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
-               ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
-               num_replicas=args.replicas, address=args.address,
-               proxy_location=args.proxy_location, access_log=args.access_log)
+    out = _console()
+    try:
+        return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
+                   ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
+                   num_replicas=args.replicas, address=args.address,
+                   proxy_location=args.proxy_location, access_log=args.access_log,
+                   echo=out.echo)
+    except StartError as err:
+        print(f"edgemeta serve: could not start: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from experiments.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
 
 
 def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -140,15 +167,21 @@ def cmd_cluster_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Ray's own log lines stay in log files unless asked for (cluster.ray_logs).
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument("--verbose", action="store_true",
+                      help="also print Ray's and Serve's own log lines (default: log files)")
 
-    p = sub.add_parser("train", help="centralized meta-training from a YAML config")
+    p = sub.add_parser("train", parents=[loud],
+                       help="centralized meta-training from a YAML config")
     p.add_argument("config", help="a YAML file, or the name of a bundled config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("federated", help="federated meta-training across edge sites on Ray")
+    p = sub.add_parser("federated", parents=[loud],
+                       help="federated meta-training across edge sites on Ray")
     p.add_argument("config", help="a YAML file with a federated section, or a bundled name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set federated.quorum=2")
@@ -157,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_federated)
 
-    p = sub.add_parser("evaluate", help="re-evaluate a run folder's checkpoint on meta-test")
+    p = sub.add_parser("evaluate", parents=[loud],
+                       help="re-evaluate a run folder's checkpoint on meta-test")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--episodes", type=int, default=None)
@@ -172,11 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", default=None, help="folder (default: EDGEMETA_DATA_DIR or cache)")
     f.set_defaults(func=cmd_data_fetch)
 
-    p = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
+    p = sub.add_parser("demo", parents=[loud], help="the end-to-end demo that `make demo` runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="serve a run folder's models over HTTP with Ray Serve")
+    p = sub.add_parser("serve", parents=[loud],
+                       help="serve a run folder's models over HTTP with Ray Serve")
     p.add_argument("run_dir", nargs="+", help="run folder(s); the first is `latest`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -192,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve's per-request log line in each replica (off by default: it "
                         "cost 15-24%% of throughput here; HAProxy can log at the ingress)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="write a run folder's self-contained report.html")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cluster", help="a local multi-node Ray cluster (a raylet per site)")
     cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
@@ -216,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from cluster.ray_logs import set_verbose
+
+        set_verbose(True)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as err:
