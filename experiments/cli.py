@@ -83,6 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.search import tune_config_file
+
+    out = _console()
+    tune_config_file(resolve_config(args.config), args.space, overrides=args.set,
+                     fresh=args.fresh, echo=out.echo, progress=out)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from experiments.report import write_report
 
@@ -227,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve's per-request log line in each replica (off by default: it "
                         "cost 15-24%% of throughput here; HAProxy can log at the ingress)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tune", parents=[loud],
+                       help="hyper-parameter search with Ray Tune (ASHA early stopping)")
+    p.add_argument("config", help="a centralized YAML config, or a bundled name")
+    p.add_argument("--space", required=True, help="the search space YAML (experiments.search)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for every trial")
+    p.add_argument("--fresh", action="store_true",
+                   help="start the search over (default: restore the experiment)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="write a run folder's self-contained report.html")
     p.add_argument("run_dir")

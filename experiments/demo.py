@@ -38,7 +38,8 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print,
     """Run the demo; return the training summary plus what the HTTP checks measured.
     ``progress`` draws the four stages (and training's bars and site table) as bars."""
     with (nullcontext(None) if progress is None
-          else progress.bar("demo", 4, "stages", summary=False)) as stages:
+          else progress.bar("demo", 4, "stages", summary=False,
+                                      plain_lines=False)) as stages:
         return _run_demo(overrides, echo, progress, stages)
 
 

@@ -65,12 +65,14 @@ class Bar:
     """One progress bar: advance it as the work goes."""
 
     def __init__(self, owner: RunConsole, task: TaskID, label: str, unit: str,
-                 total: int | None) -> None:
+                 total: int | None, *, completed: int = 0, plain_lines: bool = True) -> None:
         self._owner, self._task, self.label, self.unit, self.total = owner, task, label, unit, total
-        self._next_line = self._milestone(0)
+        self._plain_lines = plain_lines
+        self._next_line = self._milestone(completed)
 
     def _milestone(self, done: int) -> int:
-        if not self.total:
+        """The count at which the next plain line is due: the next tenth of the way."""
+        if not self.total or not self._plain_lines:
             return sys.maxsize
         step = max(1, math.ceil(self.total / 10))
         return (done // step + 1) * step
@@ -128,7 +130,7 @@ class RunConsole:
         self.progress = _Display(
             SpinnerColumn(), TextColumn("[progress.description]{task.description}"),
             BarColumn(bar_width=30), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
-            TextColumn("left"), TimeRemainingColumn(), console=self.console,
+            TimeRemainingColumn(), TextColumn("left"), console=self.console,
             disable=not self.live, refresh_per_second=4, redirect_stdout=True,
             redirect_stderr=True)
         self._open = 0
@@ -144,12 +146,13 @@ class RunConsole:
 
     @contextmanager
     def bar(self, label: str, total: int | None, unit: str, *, completed: int = 0,
-            summary: bool = True) -> Iterator[Bar]:
+            summary: bool = True, plain_lines: bool = True) -> Iterator[Bar]:
         """A progress bar for the block (``total`` None: an activity without a count); with
-        ``summary``, a line says what it took when the block ends without an error."""
+        ``summary``, a line says what it took when the block ends without an error. Off a
+        terminal, ``plain_lines`` False keeps the tenths' lines out (when the caller's own
+        lines already say where it is)."""
         task = self.progress.add_task(label, total=total, completed=completed, unit=unit)
-        bar = Bar(self, task, label, unit, total)
-        bar._next_line = bar._milestone(completed)
+        bar = Bar(self, task, label, unit, total, completed=completed, plain_lines=plain_lines)
         if self._open == 0 and self.live:
             self.progress.start()
         self._open += 1
