@@ -132,7 +132,7 @@ class RunConsole:
             BarColumn(bar_width=30), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("left"), console=self.console,
             disable=not self.live, refresh_per_second=4, redirect_stdout=True,
-            redirect_stderr=True)
+            redirect_stderr=True, transient=True)  # the bars go; their summary lines stay
         self._open = 0
         self._sites: dict[str, Counter[str]] = {}
         self._last: dict[str, str] = {}
