@@ -43,7 +43,9 @@ def cmd_federated(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.train import evaluate_run
 
-    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes, overrides=args.set)
+    out = _console()
+    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes, overrides=args.set,
+                 echo=out.echo, progress=out)
     return 0
 
 

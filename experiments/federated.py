@@ -360,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     args = parser.parse_args(argv)
     try:
+        from experiments.progress import RunConsole
+
         cfg = load_config(resolve_config(args.config), args.set)
-        summary = train_federated(cfg, resume=not args.fresh, address=args.address)
+        out = RunConsole()  # plain lines in `ray job logs` (not a terminal)
+        summary = train_federated(cfg, resume=not args.fresh, address=args.address,
+                                  echo=out.echo, progress=out)
     except (ConfigError, FileNotFoundError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2

@@ -140,7 +140,8 @@ def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptim
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
-                 overrides: list[str] | None = None, echo: Printer = print) -> dict[str, Any]:
+                 overrides: list[str] | None = None, echo: Printer = print,
+                 progress: RunConsole | None = None) -> dict[str, Any]:
     """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks.
 
     ``overrides`` (``section.key=value``) change the evaluation without retraining, e.g.
@@ -152,7 +153,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | N
     cfg = parse_config(apply_overrides(read_run_config(run_dir), overrides or []), str(run_dir))
     algorithm = algorithm_from_config(cfg.to_dict())
     state = load_checkpoint(run_dir, step)
-    result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
+    result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes, progress)
     result["step"] = int(state["step"])
     echo(f"{run_dir} @ step {result['step']}: {headline(result)}")
     return result
