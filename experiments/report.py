@@ -50,7 +50,7 @@ def _read(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame, 
     return config, summary, metrics, sites
 
 
-def _facts(config: dict[str, Any], summary: dict[str, Any], metrics: pd.DataFrame,
+def _facts(summary: dict[str, Any], metrics: pd.DataFrame,
            federated: bool) -> list[tuple[str, str]]:
     unit = "rounds" if federated else "steps"
     if isinstance(summary.get("mse"), dict) and summary["mse"]:
@@ -104,8 +104,8 @@ def _site_table(sites: pd.DataFrame) -> list[list[str]] | None:
     return table
 
 
-def _sections(config: dict[str, Any], summary: dict[str, Any], metrics: pd.DataFrame,
-              sites: pd.DataFrame, federated: bool) -> list[Section]:
+def _sections(summary: dict[str, Any], metrics: pd.DataFrame, sites: pd.DataFrame,
+              federated: bool) -> list[Section]:
     x = "round" if federated else "step"
 
     def svg(text: str | None) -> Markup | None:
@@ -172,8 +172,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                       autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         name=config.get("name", run_dir.name), subtitle=subtitle,
-        facts=_facts(config, summary, metrics, federated),
-        sections=_sections(config, summary, metrics, sites, federated),
+        facts=_facts(summary, metrics, federated),
+        sections=_sections(summary, metrics, sites, federated),
         config_text=yaml.safe_dump(config, sort_keys=False), run_dir=str(run_dir),
         written=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = Path(out) if out is not None else run_dir / REPORT_FILE
