@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
         if num_cpus is not None:
             raise ValueError("num_cpus applies to an embedded cluster only, not when joining one")
         address, changes = _join_auth(address, token_path, state_dir)
+        check_reachable(address)
         _saved_env = auth.apply_to_process(changes)
         try:
             if address.startswith("ray://"):
@@ -214,6 +216,20 @@ def _join_auth(address: str, token_path: str | Path | None,
     if running is not None and address_matches(running, address):
         return address, auth.token_env(running.token_path)
     return address, auth.disabled_env()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, in one sentence, when nothing listens at a ``host:port`` address: Ray
+    itself retries for minutes, printing a warning every few seconds."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto" or ray://: Ray's own discovery and errors
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or err}): "
+                              f"is it up (edgemeta cluster status), and is the address "
+                              f"right?") from None
 
 
 def _gcs_address(ctx: Any) -> str | None:

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         set_verbose(True)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ConnectionError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
 

@@ -147,6 +147,9 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {**ray_logs.init_kwargs(), **dict(ray_init or {})}
             if address:
+                from cluster.connect import check_reachable
+
+                check_reachable(address)  # Ray itself would retry for minutes
                 kwargs["address"] = address
             else:
                 # "local", never None: ray.init() with no address joins whatever cluster

@@ -124,3 +124,15 @@ def test_serve_start_failures_end_in_one_sentence(tmp_path: Path,
                           "asked for, but no HAProxy binary was found")
     assert f"(traceback: {trace}; Ray's own logs: --verbose)" in err
     assert "Traceback (most recent call last)" in trace.read_text()
+
+
+def test_an_unreachable_cluster_is_one_line_at_once(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from cluster.ports import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["federated", "federated_sinusoid", "--address", address,
+                 "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"edgemeta: error: no Ray cluster answers at {address} (Connection refused): "
+                   f"is it up (edgemeta cluster status), and is the address right?\n")
