@@ -286,6 +286,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ConnectionError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from cluster.ray_logs import verbose
+
+        if verbose():
+            raise
+        print(f"edgemeta {args.command}: failed: {_one_line(err)} (traceback: "
+              f"{_save_traceback(args.command, err)}; --verbose shows it here)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 240:
+        first = first[:237] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _save_traceback(command: str, err: BaseException) -> str:
+    """Write the traceback to a file of its own (a command's console stays one line)."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"edgemeta-{command}-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(err)))
+    return path
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,17 @@ def test_an_unreachable_cluster_is_one_line_at_once(tmp_path: Path,
     err = capsys.readouterr().err
     assert err == (f"edgemeta: error: no Ray cluster answers at {address} (Connection refused): "
                    f"is it up (edgemeta cluster status), and is the address right?\n")
+
+
+def test_a_failing_command_ends_in_one_line_with_the_traceback_in_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv(ray_logs.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback goes
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("name: broken\n")  # no tables, no data
+    (tmp_path / "run" / "metrics.parquet").write_text("not parquet")
+    assert main(["report", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgemeta report: failed: ")
+    trace = Path(re.search(r"\(traceback: (\S+);", err).group(1))
+    assert trace.parent == tmp_path and "Traceback (most recent call last)" in trace.read_text()
