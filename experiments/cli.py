@@ -297,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
+    """An exception as one line: its type, the first line of its message and, for a message
+    of several lines (a process's log tail, a nested traceback), its last, where the cause
+    usually is."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > 240:
-        first = first[:237] + "..."
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    text = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _save_traceback(command: str, err: BaseException) -> str:
