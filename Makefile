@@ -13,7 +13,9 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 DATA_DIR ?= $(abspath ../shared/data)
 export RAY_USAGE_STATS_ENABLED := 0
-export EDGEMETA_DATA_DIR ?= $(DATA_DIR)
+# The shared data folder where it exists (a fresh clone has none: `make demo` then fetches
+# Omniglot into the user cache, see experiments/demo.py).
+export EDGEMETA_DATA_DIR ?= $(wildcard $(DATA_DIR))
 # glibc would unmap freed activations and fault them back in every meta-step (~0.5 s of kernel
 # time per Omniglot step here): keep big blocks mapped (see docs/BENCHMARKS.md).
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432

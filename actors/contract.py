@@ -151,8 +151,9 @@ class SiteJob:
         learner: the run config's ``data``, ``model`` and ``algorithm`` sections: what
             :func:`metalearn.from_config.algorithm_from_config` rebuilds the model from, so
             the cloud, every site and a serving replica adapt with identical code.
-        data_plan: the site's share of the data (:func:`metalearn.sites.plan_sites`: character
-            ids or an amplitude range, never examples).
+        data_plan: the site's share of the data (:func:`metalearn.sites.plan_from_manifests`:
+            its store's path and content hash and class ids, or an amplitude range; never
+            examples).
         local: the work of one round.
         devices: virtual clients (devices) the site simulates.
         seed: the run seed; a round's tasks are a function of (seed, site, device, round).

@@ -1,12 +1,13 @@
 """The edge actor: one per site, pinned to the site's node, holding the site's data.
 
-The cloud sends a :class:`~actors.contract.SiteJob` once: the site's partition (character ids
-or an amplitude range, never examples) and the local work of a round; the actor loads its data
-itself, inside its own process on its own node. Each round it returns a
-:class:`~actors.contract.RoundReply`: the update of :func:`metalearn.local_update.local_update`
-as one flat float32 vector of exactly the model's parameter count
-(:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and timings. Raw examples
-never leave the actor.
+The cloud sends a :class:`~actors.contract.SiteJob` once: the site's plan (its store's path
+and the training and held-out class ids planned from the store's manifest, or an amplitude
+range; never examples) and the local work of a round; the actor loads its store itself, inside
+its own process on its own node, and reports the store's manifest (:meth:`EdgeNode.manifest`).
+Each round it returns a :class:`~actors.contract.RoundReply`: the update of
+:func:`metalearn.local_update.local_update` as one flat float32 vector of exactly the model's
+parameter count (:class:`metalearn.params.FlatLayout`), task counts, scalar metrics and
+timings. Raw examples never leave the actor.
 
 Determinism: the tasks of a round are a pure function of ``(seed, site, device, round)``
 (see :class:`metalearn.sites.SiteTasks`). A restarted actor (``max_restarts=-1``: Ray
@@ -61,9 +62,11 @@ from actors.contract import (
     SiteJob,
     SitePrivacy,
 )
+from cluster import open_audit
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
+from metalearn.data.store import StoreManifest
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
@@ -130,6 +133,7 @@ class EdgeNode:
     """
 
     def __init__(self, job: SiteJob) -> None:
+        open_audit.install(f"edge.{job.site}")  # only with EDGEMETA_AUDIT_OPENS set (tests)
         self.job = job
         self.site = job.site
         self.compute_thread_nice: int | None = None  # as set by the thread itself
@@ -144,11 +148,7 @@ class EdgeNode:
         self.last_round = 0
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
         t0 = time.perf_counter()
-        data = job.learner["data"]
-        if data["dataset"] == "omniglot":  # load now: round 1 times compute only
-            from metalearn.data.omniglot import load_omniglot
-
-            load_omniglot(data.get("path"))
+        self.tasks.load()  # the site's store, now: round 1 times compute only
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self._computed(self._warm_up)
         gc.collect()  # then freeze what is left: torch, the data and the model live for the
@@ -398,6 +398,11 @@ class EdgeNode:
             amplitude=None if amplitude is None else (float(amplitude[0]), float(amplitude[1])),
             rounds_done=self.rounds_done, load_s=self.load_s, warmup_s=self.warmup_s,
             nice={"calls": _thread_nice(), "compute": self.compute_thread_nice})
+
+    def manifest(self) -> StoreManifest | None:
+        """The manifest of the site's store: class names, groups and counts, the content hash;
+        never examples (None for a site without a store: sinusoid)."""
+        return self.tasks.manifest
 
     def sampler_state(self) -> dict[str, int]:
         """All the sampling state there is: tasks are seeded per round, so a counter."""

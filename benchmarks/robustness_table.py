@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.cells import fill_table, read_rows, run_cell
 
 ATTACKS: dict[str, dict[str, Any] | None] = {
     "none": None,
@@ -63,21 +63,8 @@ def cell_config(rule: dict[str, Any], attack: dict[str, Any] | None, *, sites: i
     }
 
 
-def run_cell(raw: dict[str, Any]) -> dict[str, Any]:
-    """Train one cell in this process (embedded Ray) and return its result row."""
-    from experiments.config import parse_config
-    from experiments.federated import train_federated
-
-    cfg = parse_config(raw)
-    t0 = time.perf_counter()
-    summary = train_federated(cfg, resume=False, echo=lambda _: None)
-    return {"accuracy": summary["accuracy"], "ci95": summary["ci95"],
-            "rounds": summary["train_steps"], "train_time_s": summary["train_time_s"],
-            "wall_s": round(time.perf_counter() - t0, 1)}
-
-
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     rule_names = list(dict.fromkeys(r["rule"] for r in rows))
     attack_names = [a for a in ATTACKS if any(r["attack"] == a for r in rows)]
     acc = {(r["rule"], r["attack"]): r for r in rows}
@@ -111,36 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))), flush=True)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if args.out.exists():
-        done = {(r["rule"], r["attack"]) for r in
-                map(json.loads, filter(str.strip, args.out.read_text().splitlines()))}
     chosen = rules(args.sites, args.attackers)
     if args.rules:
         chosen = {k: v for k, v in chosen.items() if k in args.rules.split(",")}
+    grid = {}
     for attack_name in args.attacks.split(","):
         for rule_name, rule in chosen.items():
-            if (rule_name, attack_name) in done:
-                continue
             name = f"rob_{args.sites}x{args.attackers}_{rule_name}_{attack_name}"
-            raw = cell_config(rule, ATTACKS[attack_name], sites=args.sites,
-                              attackers=args.attackers, rounds=args.rounds, tasks=args.tasks,
-                              out_dir=str(args.out.parent / "runs"), name=name)
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.robustness_table",
-                                   "--cell", json.dumps(raw)], capture_output=True, text=True,
-                                  check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(f"{name}: failed (exit {proc.returncode}): {proc.stderr[-800:]}",
-                      file=sys.stderr)
-                continue
-            row = {"rule": rule_name, "attack": attack_name, "sites": args.sites,
-                   "attackers": args.attackers, "tasks_per_site": args.tasks,
-                   **json.loads(lines[-1])}
-            with args.out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(f"{name}: {100 * row['accuracy']:.2f}% ({row['wall_s']} s)", flush=True)
+            key = {"rule": rule_name, "attack": attack_name, "sites": args.sites,
+                   "attackers": args.attackers, "tasks_per_site": args.tasks}
+            grid[name] = (key, cell_config(
+                rule, ATTACKS[attack_name], sites=args.sites, attackers=args.attackers,
+                rounds=args.rounds, tasks=args.tasks, out_dir=str(args.out.parent / "runs"),
+                name=name))
+    fill_table("benchmarks.robustness_table", args.out, grid,
+               lambda row: f"{100 * row['accuracy']:.2f}% ({row['wall_s']} s)")
     return 0
 
 

@@ -49,7 +49,7 @@ def make_run(out: Path, channels: int) -> Path:
     RunLog(cfg.run_dir).write_config(cfg.to_dict())
     torch.manual_seed(0)
     save_checkpoint(cfg.run_dir, 1, {"params": algorithm_from_config(cfg.to_dict()).init_params()})
-    return cfg.run_dir
+    return cfg.run_dir.path
 
 
 # ---- request bodies ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,18 @@ def route_driver_logs(log_dir: str | Path | None, echo: Printer,
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
     return path
+
+
+def log_dir_for(run_dir: str | os.PathLike[str]) -> Path:
+    """Where this process writes a run's log files: ``RUN/logs`` for a local run folder; for a
+    run in object storage (``s3://...``), a local folder named after it (a log handler needs a
+    local file)."""
+    where = os.fspath(run_dir)
+    scheme, sep, rest = where.partition("://")
+    if sep and scheme.lower() != "file":
+        name = rest.rstrip("/").rsplit("/", 1)[-1] or "run"
+        return Path(tempfile.gettempdir()) / "edgemeta-logs" / name
+    return Path(rest if sep else where) / "logs"
 
 
 def _is_console(handler: logging.Handler) -> bool:

@@ -127,6 +127,10 @@ class Site(NodeResources):
     attack: SiteAttack | None = Field(
         None, description="a malicious site: how it corrupts its rounds (testing robust "
                           "aggregation); none: honest")
+    store: str | None = Field(
+        None, min_length=1,
+        description="the site's data store, a folder on the site's node (absolute, or "
+                    "relative to the run's stores root); default: <stores root>/<name>")
 
 
 class Topology(_Section):
@@ -147,6 +151,10 @@ class Topology(_Section):
             raise ValueError(f"site names must be distinct; repeated: {dupes}")
         if self.head_port == self.dashboard_port:
             raise ValueError(f"head_port and dashboard_port must differ (both {self.head_port})")
+        stores = [s.store for s in self.sites if s.store is not None]
+        shared = sorted({p for p in stores if stores.count(p) > 1})
+        if shared:
+            raise ValueError(f"each site needs a store of its own; shared: {shared}")
         for s in self.sites:
             if s.actor_cpus > s.num_cpus:
                 raise ValueError(f"site {s.name}: actor_cpus {s.actor_cpus} exceeds the node's "

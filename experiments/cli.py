@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments.config import ConfigError, load_config, resolve_config
+from experiments.config import ConfigError
+from experiments.entry import add_run_arguments, config_from_args
+from experiments.run_storage import STORAGE_ENV, where_line
 from experiments.stopping import exit_code
+from metalearn.storage import StorageError
 
 if TYPE_CHECKING:  # experiments.progress imports rich: only when a command runs
     from experiments.progress import RunConsole
@@ -26,18 +29,31 @@ def _console() -> RunConsole:
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
     out = _console()
+    out.echo(where_line(cfg))
     return exit_code(train(cfg, resume=not args.fresh, echo=out.echo, progress=out))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import train_federated
 
-    cfg = load_config(resolve_config(args.config), args.set)
+    cfg = config_from_args(args)
     out = _console()
+    out.echo(where_line(cfg))
     return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address,
                                      echo=out.echo, progress=out))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from experiments.submit import submit
+
+    try:
+        return submit(args.config, address=args.address, storage=args.storage,
+                      overrides=args.set, working_dir=args.working_dir, wait=args.wait)
+    except ConnectionError as err:  # the Job API client's "failed to connect"
+        print(f"edgemeta submit: error: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -62,11 +78,48 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    """Make each site's store from the source data set (idempotent: an unchanged store is
+    reported "up to date" and left alone)."""
+    from experiments.config import load_config, resolve_config
+    from experiments.site_jobs import federated_section, shard_spec, site_stores
+    from metalearn.data.shard import shard_sites
+
+    overrides = list(args.set) + ([f"federated.data.stores={args.stores}"] if args.stores
+                                  else [])
+    cfg = load_config(resolve_config(args.config), overrides)
+    topology = federated_section(cfg).resolved_topology()
+    spec = shard_spec(cfg, topology)
+    stores = site_stores(cfg, topology)
+    try:
+        done = shard_sites(spec, stores, only=args.site or None)
+    except ValueError as err:
+        print(f"edgemeta data shard: error: {err}", file=sys.stderr)
+        return 2
+    name = spec.partitioner["name"]
+    for site, (status, manifest) in done.items():
+        what = (f"{manifest.num_classes} classes, {manifest.rows} examples, "
+                f"{len(manifest.groups)} alphabets")
+        print(f"{site}: {status} ({what}; {name}) at {stores[site]}")
+    if args.test_store:
+        from metalearn.data.shard import shard_split
+
+        status, manifest = shard_split(args.test_store, "test", cfg.data.path)
+        print(f"meta-test: {status} ({manifest.num_classes} classes, {manifest.rows} examples) "
+              f"at {args.test_store}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
+    from metalearn.data.fetch import FetchError
 
     out = _console()
-    run_demo(args.set, echo=out.echo, progress=out)
+    try:
+        run_demo(args.set, echo=out.echo, progress=out)
+    except FetchError as err:
+        print(f"edgemeta demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -86,6 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.config import resolve_config
     from experiments.search import tune_config_file
 
     out = _console()
@@ -130,10 +184,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from cluster.topology import load_topology
 
     topo = load_topology(args.topology)
-    info = up(topo, _cluster_state_dir(args))
+    # Jobs run in Ray's unpacked copy of their working dir, deleted with the cluster: their
+    # runs go to run storage instead, by default ./runs made absolute (what `edgemeta
+    # federated` uses here), or the EDGEMETA_RUN_STORAGE of this shell.
+    storage = os.environ.get(STORAGE_ENV, "").strip() or str(Path("runs").resolve())
+    info = up(topo, _cluster_state_dir(args), env={STORAGE_ENV: storage})
     print(f"\nLocal cluster up: GCS {info.address}, dashboard {info.dashboard_url}, "
           f"sites {', '.join(topo.site_names)}")
+    print(f"Jobs write their runs to {storage} ({STORAGE_ENV} of every node; it outlives the "
+          "cluster)")
     print(f"Token (mode 0600): {info.token_path}\n\nSubmit a job:\n{info.submit_hint()}")
+    print(f"or, with a config from anywhere: edgemeta submit CONFIG --address "
+          f"{info.dashboard_url} --wait")
     print(f"\nOr connect a driver: cluster.connect.connect('auto', topology)"
           f"\nStop it: edgemeta cluster down"
           f"{' --state-dir ' + args.state_dir if args.state_dir else ''}")
@@ -185,21 +247,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[loud],
                        help="centralized meta-training from a YAML config")
-    p.add_argument("config", help="a YAML file, or the name of a bundled config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    add_run_arguments(p, "the config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("federated", parents=[loud],
                        help="federated meta-training across edge sites on Ray")
-    p.add_argument("config", help="a YAML file with a federated section, or a bundled name")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set federated.quorum=2")
+    add_run_arguments(p, "a config with a federated section")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: federated.address, else embedded)")
-    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.set_defaults(func=cmd_federated)
+
+    p = sub.add_parser("submit", help="submit federated training to a cluster as a Ray job "
+                                      "(the config travels with the job)")
+    p.add_argument("config", help="a YAML file (anywhere: it is sent inline), a bundled name, "
+                                  "or a file in run storage")
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
+                        "RAY_ADDRESS)")
+    p.add_argument("--storage", default=None, metavar="ROOT",
+                   help="run storage root for the job: a URI (s3://BUCKET/runs) or an absolute "
+                        "folder on the cluster (default: an absolute output_dir, else the "
+                        "cluster's EDGEMETA_RUN_STORAGE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--working-dir", default=".",
+                   help="the code the job runs (default: this folder, the repository)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("evaluate", parents=[loud],
                        help="re-evaluate a run folder's checkpoint on meta-test")
@@ -216,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("dataset", choices=["omniglot"])
     f.add_argument("--dest", default=None, help="folder (default: EDGEMETA_DATA_DIR or cache)")
     f.set_defaults(func=cmd_data_fetch)
+    f = data_sub.add_parser("shard", help="make each site's store from the source data set "
+                                          "with the config's partitioner (federated.data)")
+    f.add_argument("config", help="a YAML file with a federated section, or a bundled name")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federated.data.partitioner=iid")
+    f.add_argument("--stores", default=None,
+                   help="the stores root (default: federated.data.stores, else <run>/stores)")
+    f.add_argument("--site", action="append", default=[],
+                   help="make only this site's store (repeatable), e.g. on that site's node")
+    f.add_argument("--test-store", default=None, metavar="PATH",
+                   help="also write Omniglot's meta-test split as a store at PATH (for "
+                        "federated.data.test_store on the cloud node)")
+    f.set_defaults(func=cmd_data_shard)
 
     p = sub.add_parser("demo", parents=[loud], help="the end-to-end demo that `make demo` runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -283,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         set_verbose(True)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ConnectionError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, ConnectionError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -25,7 +25,9 @@ from experiments.aggregation_config import AggregatorConfig, WeightedMeanRule
 from experiments.privacy_config import PrivacyConfig
 from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
+from experiments.site_data_config import SiteDataConfig
 from metalearn.attacks import alie_z_max
+from metalearn.storage import Location, is_uri
 from privacy.config import SecAggConfig, majority_threshold
 
 
@@ -252,6 +254,8 @@ class FederatedConfig(Section):
                                           "privacy (DP-FedAvg); none by default")
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="mask the updates: the cloud learns only their sum; none by default")
+    data: SiteDataConfig = Field(default_factory=SiteDataConfig,
+                                 description="the sites' stores and how they are sharded")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -361,11 +365,18 @@ class ExperimentConfig(Section):
                              f"{self.data.dataset!r}; use {want!r}")
         if self.data.dataset == "sinusoid" and self.algorithm.name == "protonet":
             raise ValueError("protonet is a classifier; it cannot learn sinusoid regression")
+        if self.data.dataset == "sinusoid" and self.federated is not None:
+            for key in ("stores", "test_store"):
+                if getattr(self.federated.data, key) is not None:
+                    raise ValueError(f"federated.data.{key}: sinusoid tasks have no examples "
+                                     "to store")
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def run_dir(self) -> Location:
+        """The run's folder in run storage: ``output_dir`` (a folder or a URI such as
+        ``s3://bucket/runs``) / ``name``."""
+        return Location(self.output_dir) / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -378,8 +389,11 @@ class ConfigError(ValueError):
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def resolve_config(name: str) -> Path:
-    """A config path, or the name of a bundled config (``omniglot_maml_5w1s``)."""
+def resolve_config(name: str) -> Path | Location:
+    """A config path, a file in run storage (``s3://bucket/configs/x.yaml``), or the name of a
+    bundled config (``omniglot_maml_5w1s``)."""
+    if is_uri(name):
+        return Location(name)
     path = Path(name)
     if path.exists():
         return path
@@ -425,13 +439,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config, apply ``section.key=value`` overrides, and validate it."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+def load_config(path: str | Path | Location, overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Read a YAML config (a local file, or one in run storage such as ``s3://...``), apply
+    ``section.key=value`` overrides, and validate it."""
+    path = Location(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    return config_from_text(text, str(path), overrides)
+
+
+def config_from_text(text: str, source: str, overrides: list[str] | None = None
+                     ) -> ExperimentConfig:
+    """A config from YAML text (``source`` names it in messages), with overrides applied."""
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
-    return parse_config(apply_overrides(raw, overrides or []), str(path))
+        raise ConfigError(f"config {source} is not valid YAML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides or []), source)

@@ -1,5 +1,6 @@
 """`make demo`: the whole loop on one machine, end to end.
 
+0. Find the Omniglot data where the loader looks, or fetch it (a fresh clone has none).
 1. Start a local multi-node Ray cluster: a head node (the cloud) and one raylet per edge site,
    each advertising its ``edge:<site>`` resource (``cluster/topologies/demo3.yaml``).
 2. Run federated MAML on it: one pinned edge actor per site trains on its own alphabets,
@@ -20,13 +21,43 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster import ray_logs
 from cluster.console import Printer
 from experiments.config import load_config
+from metalearn.storage import Location
 
 if TYPE_CHECKING:
     from experiments.progress import Bar, RunConsole
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+# Where the demo fetches the original Omniglot zips from (a mirror, or a test's server).
+OMNIGLOT_URL_ENV = "EDGEMETA_OMNIGLOT_URL"
+
+
+def ensure_omniglot(echo: Printer = print, timeout_s: float = 30.0) -> Path:
+    """The Omniglot file the demo will read: found where the loader looks
+    (``EDGEMETA_DATA_DIR``, then the user cache), else downloaded, converted and checked
+    against its content checksum into that place. Without network it raises
+    :class:`~metalearn.data.fetch.FetchError` saying what to do instead."""
+    from metalearn.data.fetch import DEFAULT_BASE_URL, FetchError, fetch_omniglot
+    from metalearn.data.omniglot import ENV_VAR, find_omniglot, user_cache_dir
+
+    try:
+        return find_omniglot()
+    except FileNotFoundError:
+        pass
+    dest = os.environ.get(ENV_VAR) or str(user_cache_dir())
+    url = os.environ.get(OMNIGLOT_URL_ENV) or DEFAULT_BASE_URL
+    echo(f"Omniglot not found: fetching it from {url} into {dest} (two zips, about 10 MB; "
+         "converted and checked once)")
+    try:
+        fetch_omniglot(dest, base_url=url, timeout=timeout_s)
+    except FetchError as err:
+        raise FetchError(f"the demo needs Omniglot and could not fetch it: {err} Then run "
+                         "`make demo` again (or `edgemeta data fetch omniglot` first).") from None
+    found = find_omniglot()
+    echo(f"Omniglot ready at {found}")
+    return found
 
 
 def _banner(echo: Printer, text: str) -> None:
@@ -49,6 +80,8 @@ def _run_demo(overrides: list[str] | None, echo: Printer, progress: RunConsole |
     from experiments.federated import train_federated
 
     cfg = load_config(CONFIG, overrides)
+    if cfg.data.dataset == "omniglot":
+        ensure_omniglot(echo)
     topology = cfg.federated.resolved_topology()  # type: ignore[union-attr]
     state_dir = Path(cfg.output_dir).resolve() / f"{cfg.name}-cluster"
     t0 = time.perf_counter()
@@ -89,7 +122,7 @@ def _next(stages: Bar | None) -> None:
         stages.advance()
 
 
-def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any]:
+def serve_and_query(run_dir: Location, address: str, echo: Printer) -> dict[str, Any]:
     """Deploy the run on the cluster, predict, adapt to unseen characters, predict again."""
     import ray
 
@@ -101,7 +134,8 @@ def serve_and_query(run_dir: Path, address: str, echo: Printer) -> dict[str, Any
 
     try:
         served = start({"run_dirs": [str(run_dir.resolve())]}, port=free_port(),
-                       address=address, ingress="haproxy", log_dir=run_dir / "logs", echo=echo)
+                       address=address, ingress="haproxy",
+                       log_dir=ray_logs.log_dir_for(run_dir), echo=echo)
     except BaseException:
         ray.shutdown()
         raise

@@ -30,7 +30,6 @@ import math
 import random
 import secrets
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -39,7 +38,7 @@ from actors.contract import SitePrivacy
 from actors.federation import RoundOutcome
 from experiments.config import ConfigError, FederatedConfig
 from experiments.privacy_config import PrivacyConfig
-from metalearn.checkpoint import atomic_write_bytes
+from metalearn.storage import PathLike, location
 from privacy.accounting import (
     Accountant,
     RoundSampling,
@@ -318,14 +317,16 @@ class CloudPrivacy:
             out["epsilon_cloud_each"] = self.cloud_each_epsilon(rounds)
         return out
 
-    def write(self, run_dir: Path, rounds: int) -> None:
+    def write(self, run_dir: PathLike, rounds: int) -> None:
         """``privacy.json`` in the run folder: the guarantee of the checkpointed model."""
         text = json.dumps(self.summary(rounds), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(Path(run_dir) / PRIVACY_FILE, text.encode())
+        (location(run_dir) / PRIVACY_FILE).write_text(text)
 
 
-def read_privacy(run_dir: str | Path) -> dict[str, Any] | None:
+def read_privacy(run_dir: PathLike) -> dict[str, Any] | None:
     """A run folder's privacy metadata, or None for a run without privacy."""
-    path = Path(run_dir) / PRIVACY_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads((location(run_dir) / PRIVACY_FILE).read_text())
+    except FileNotFoundError:
+        return None
 

@@ -11,13 +11,16 @@ It mirrors :mod:`experiments.train`, with the batch of tasks replaced by a round
         log a row per round and per site
 
 Entry points: ``edgemeta federated CONFIG`` and ``python -m experiments.federated CONFIG``
-(also what ``ray job submit -- python -m experiments.federated ...`` runs on a cluster).
+(also what ``ray job submit -- python -m experiments.federated ...`` and ``edgemeta submit``
+run on a cluster; the run goes to run storage, :mod:`experiments.run_storage`).
 
 Decisions worth knowing:
 
-* **Data stays at the edge.** The driver process never opens a data file: site partitions
-  (character ids) are planned by a task on the ``cloud`` node (:mod:`actors.cloud`), the final
-  meta-test runs as another such task, and each edge actor loads its own data.
+* **Data stays at the edge.** Each site reads only its own store (``federated.data``; with
+  no ``stores`` folder given, the run shards the source into ``<run>/stores/<site>`` first,
+  each store made on its own site's node). The cloud plans from the manifests the sites
+  report (counts, never examples; :mod:`actors.cloud`); the driver opens no data file, no
+  cloud task opens a store, and the final meta-test runs as a task on the ``cloud`` node.
 * **Quorum.** A round with fewer than ``federated.quorum`` arrived updates makes no outer step
   (recorded as ``skipped``); after ``max_missed_rounds`` such rounds in a row the run fails
   (after writing a checkpoint), since a federation that cannot reach quorum is not training.
@@ -61,10 +64,10 @@ from experiments.config import (
     ConfigError,
     ExperimentConfig,
     FederatedConfig,
-    load_config,
-    resolve_config,
 )
+from experiments.entry import add_run_arguments, config_from_args
 from experiments.loop import RunLoop
+from experiments.run_storage import where_line
 from experiments.runlog import (
     SITES_FILE,
     RowTable,
@@ -75,9 +78,11 @@ from experiments.runlog import (
     round_row,
 )
 from experiments.site_jobs import (
+    auto_shard,
     choose_participants,
     federated_section,
     site_jobs,
+    site_stores,
     tasks_per_site,
 )
 from experiments.stopping import exit_code
@@ -86,6 +91,7 @@ from metalearn.checkpoint import save_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
+from metalearn.storage import StorageError
 
 if TYPE_CHECKING:
     from experiments.progress import RunConsole
@@ -112,7 +118,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     log.write_config(config)
 
     started = join_or_start(address or fed.address, topology)
-    ray_logs.route_driver_logs(cfg.run_dir / "logs", echo)
+    ray_logs.route_driver_logs(ray_logs.log_dir_for(cfg.run_dir), echo)
     cloud: Cloud | None = None
     # The cloud's own work is vector ops on ~1e5 floats (pack, aggregate, Adam): one thread.
     # Two OpenMP threads gain nothing at that size and, when the sites keep the cores busy,
@@ -304,10 +310,18 @@ class Cloud:
         outer = OuterOptimizer(algorithm_from_config(cfg.to_dict()).init_params(),
                                lr=cfg.train.outer_lr, kind=cfg.train.outer_optimizer)
         try:
+            shard = auto_shard(cfg, topology)
             plans = plan_partitions(cfg.to_dict()["data"], topology, cfg.seed,
-                                    fed.holdout_fraction)
+                                    fed.holdout_fraction, stores=site_stores(cfg, topology),
+                                    shard=shard)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
+        if cfg.data.dataset == "omniglot":
+            how = (f"{shard.partitioner['name']} shards made by the run" if shard is not None
+                   else "given")
+            echo(f"  site stores ({how}): " + ", ".join(
+                f"{p['store']} ({len(p['characters']) + len(p['holdout'])} classes)"
+                for p in plans.values()))
         federation = Federation.start(
             site_jobs(cfg, topology, plans, devices, per_site, dim=outer.layout.numel),
             {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
@@ -338,10 +352,25 @@ class Cloud:
 # --------------------------------------------------------------------------- the meta-test
 
 def meta_test_task(cfg: ExperimentConfig, params: Params, episodes: int) -> dict[str, Any]:
-    """The meta-test, as a task body (it loads the meta-test data in its own process)."""
+    """The meta-test, as a task body (it loads the meta-test data in its own process): on
+    Omniglot's test split, or on the cloud's own store (``federated.data.test_store``)."""
     from experiments.train import meta_test
 
-    return meta_test(cfg, algorithm_from_config(cfg.to_dict()), params, episodes)
+    algorithm = algorithm_from_config(cfg.to_dict())
+    store = None if cfg.federated is None else cfg.federated.data.test_store
+    if store is None:
+        return meta_test(cfg, algorithm, params, episodes)
+    from metalearn.data.episodes import OmniglotEpisodes
+    from metalearn.data.store import load_store
+    from metalearn.evaluation import evaluate
+
+    data = load_store(store).as_omniglot()
+    ev, train = cfg.eval, cfg.data
+    sampler = OmniglotEpisodes(data, np.arange(data.num_characters), ways=ev.ways or train.ways,
+                               shots=ev.shots or train.shots,
+                               queries=ev.queries or train.queries, rotations=train.rotations,
+                               seed=ev.seed)
+    return evaluate(algorithm, params, sampler.sample, episodes, steps=ev.steps, batch=ev.batch)
 
 
 def meta_test_on_cloud(cfg: ExperimentConfig, params: Params, episodes: int,
@@ -354,23 +383,21 @@ def meta_test_on_cloud(cfg: ExperimentConfig, params: Params, episodes: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.federated",
                                      description="federated meta-training on Ray")
-    parser.add_argument("config", help="a YAML config with a federated section")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_run_arguments(parser, "a YAML config with a federated section")
     parser.add_argument("--address", default=None, help="Ray address (default: embedded)")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     args = parser.parse_args(argv)
     try:
         from experiments.progress import RunConsole
 
-        cfg = load_config(resolve_config(args.config), args.set)
+        cfg = config_from_args(args)
         out = RunConsole()  # plain lines in `ray job logs` (not a terminal)
+        out.echo(where_line(cfg))
         summary = train_federated(cfg, resume=not args.fresh, address=args.address,
                                   echo=out.echo, progress=out)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StorageError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
     return exit_code(summary)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.console import Printer
 from experiments.stopping import StopRequests
 from metalearn.checkpoint import resume_from_latest
 from metalearn.outer import OuterOptimizer
+from metalearn.storage import PathLike, location
 
 if TYPE_CHECKING:
     from experiments.progress import RunConsole
@@ -36,7 +36,7 @@ class RunLoop:
     """Step counting, resume, signals, time budget and checkpoint cadence of one run.
 
     Args:
-        run_dir: the run folder (checkpoints under it).
+        run_dir: the run folder in run storage (checkpoints under it).
         unit: what a step is called in messages and summaries (``step`` or ``round``).
         total: steps to reach.
         checkpoint_every: save after every this many steps (and always at the end).
@@ -46,10 +46,10 @@ class RunLoop:
         progress: draws the steps as a progress bar (count, rate, time left), if given.
     """
 
-    def __init__(self, run_dir: Path, *, unit: str, total: int, checkpoint_every: int,
+    def __init__(self, run_dir: PathLike, *, unit: str, total: int, checkpoint_every: int,
                  time_budget_s: float | None, stop_after: int | None = None,
                  echo: Printer = print, progress: RunConsole | None = None) -> None:
-        self.run_dir = run_dir
+        self.run_dir = location(run_dir)
         self.unit = unit
         self.total = total
         self.checkpoint_every = checkpoint_every

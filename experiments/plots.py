@@ -8,8 +8,8 @@ drivers write, and skip a panel whose columns are absent, so they work for centr
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -18,17 +18,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from metalearn.storage import Location, PathLike, location
 
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _save(fig: Any, path: PathLike) -> Location:
+    """PNG bytes in memory, then one whole write: the path may be in an object store."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return path
+    out = location(path)
+    out.write_bytes(buf.getvalue(), durable=False)
+    return out
 
 
-def learning_curve(metrics: pd.DataFrame, path: str | Path, x: str = "step") -> Path:
+def learning_curve(metrics: pd.DataFrame, path: PathLike, x: str = "step") -> Location:
     """Query loss (and accuracy) before and after adaptation against steps or rounds."""
     has_acc = "acc_after" in metrics
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.8),
@@ -52,7 +56,7 @@ def learning_curve(metrics: pd.DataFrame, path: str | Path, x: str = "step") -> 
     return _save(fig, path)
 
 
-def round_times(metrics: pd.DataFrame, path: str | Path) -> Path:
+def round_times(metrics: pd.DataFrame, path: PathLike) -> Location:
     """Wall time of each round against its slowest site's compute: the gap is overhead."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(metrics["round"], metrics["wall_s"], label="round wall time")
@@ -65,7 +69,7 @@ def round_times(metrics: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def site_personalization(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def site_personalization(rows: Sequence[dict[str, Any]], path: PathLike) -> Location:
     """Per site: held-out accuracy (or loss) before and after adapting the meta-model."""
     df = pd.DataFrame(list(rows))
     key = "accuracy" if "after_accuracy" in df else "mse"
@@ -84,9 +88,10 @@ def site_personalization(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     return _save(fig, path)
 
 
-def write_federated_plots(run_dir: Path, rows: list[dict], personal: list[dict]) -> list[Path]:
+def write_federated_plots(run_dir: PathLike, rows: list[dict], personal: list[dict]
+                          ) -> list[Location]:
     """A federated run's figures: learning curve by round, round times, personalization."""
-    df = pd.DataFrame(rows)
+    df, run_dir = pd.DataFrame(rows), location(run_dir)
     paths = [learning_curve(df, run_dir / "learning_curve.png", x="round"),
              round_times(df, run_dir / "round_times.png")]
     if any("error" not in p for p in personal):

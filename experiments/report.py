@@ -10,10 +10,10 @@ run has no rounds, a run without privacy spends no ε) says so instead of drawin
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,8 +22,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from experiments import report_charts as charts
-from experiments.runlog import CONFIG_FILE, METRICS_FILE, SITES_FILE, SUMMARY_FILE, headline
-from metalearn.checkpoint import atomic_write_bytes
+from experiments.runlog import METRICS_FILE, SITES_FILE, SUMMARY_FILE, headline, read_run_config
+from metalearn.storage import Location, PathLike, location
 
 REPORT_FILE = "report.html"
 
@@ -37,17 +37,21 @@ class Section:
     table: list[list[str]] | None = None
 
 
-def _read(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {CONFIG_FILE} is missing")
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-    summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    metrics = (pd.read_parquet(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file()
-               else pd.DataFrame())
-    sites = (pd.read_parquet(run_dir / SITES_FILE) if (run_dir / SITES_FILE).is_file()
-             else pd.DataFrame())
-    return config, summary, metrics, sites
+def _table(where: Location) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(io.BytesIO(where.read_bytes()))
+    except FileNotFoundError:
+        return pd.DataFrame()
+
+
+def _read(run_dir: Location) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame,
+                                      pd.DataFrame]:
+    config = read_run_config(run_dir)
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except FileNotFoundError:
+        summary = {}
+    return config or {}, summary, _table(run_dir / METRICS_FILE), _table(run_dir / SITES_FILE)
 
 
 def _facts(summary: dict[str, Any], metrics: pd.DataFrame,
@@ -157,9 +161,10 @@ def _sections(summary: dict[str, Any], metrics: pd.DataFrame, sites: pd.DataFram
     return out
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the run folder's report (default ``RUN_DIR/report.html``); returns its path."""
-    run_dir = Path(run_dir)
+def write_report(run_dir: PathLike, out: PathLike | None = None) -> Location:
+    """Write the run folder's report (default ``RUN_DIR/report.html``, in the run's storage:
+    a local folder or object storage); returns where it went."""
+    run_dir = location(run_dir)
     config, summary, metrics, sites = _read(run_dir)
     federated = bool(config.get("federated")) or "round" in metrics
     data = config.get("data", {})
@@ -176,6 +181,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         sections=_sections(summary, metrics, sites, federated),
         config_text=yaml.safe_dump(config, sort_keys=False), run_dir=str(run_dir),
         written=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    path = Path(out) if out is not None else run_dir / REPORT_FILE
-    atomic_write_bytes(path, html.encode())
+    path = location(out) if out is not None else run_dir / REPORT_FILE
+    path.write_bytes(html.encode(), durable=False)  # rewritable from the run folder at will
     return path

@@ -1,5 +1,8 @@
 """The run folder: resolved config, metrics tables, summary. One writer per run.
 
+The folder is in run storage (:mod:`metalearn.storage`): a local folder, or a URI such as
+``s3://bucket/runs/NAME``; every file is made in memory and written whole.
+
 Metrics accumulate as rows in memory and are flushed to parquet (atomically, the whole table)
 at every checkpoint, so a table on disk always matches a checkpoint and a resumed run continues
 it instead of duplicating or losing rows. A centralized run has one table (``metrics.parquet``,
@@ -13,14 +16,13 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from metalearn.checkpoint import atomic_write_bytes
+from metalearn.storage import PathLike, location
 
 if TYPE_CHECKING:  # typing only: the run log itself needs nothing of Ray
     from actors.federation import RoundOutcome
@@ -36,8 +38,8 @@ SUMMARY_FILE = "summary.json"
 class RowTable:
     """Rows of one table kept in memory, persisted whole (atomically) as one parquet file."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: PathLike) -> None:
+        self.path = location(path)
         self.rows: list[dict[str, Any]] = []
 
     def append(self, row: dict[str, Any]) -> None:
@@ -48,40 +50,45 @@ class RowTable:
 
     def truncate_to(self, step: int, key: str = "step") -> None:
         """Reload the table on disk and keep rows up to ``step`` (resume after a crash)."""
-        if self.path.exists():
-            df = pd.read_parquet(self.path)
-            self.rows = df[df[key] <= step].to_dict("records")
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        df = pd.read_parquet(io.BytesIO(data))
+        self.rows = df[df[key] <= step].to_dict("records")
 
     def flush(self) -> None:
         if not self.rows:
             return
         buf = io.BytesIO()
         pd.DataFrame(self.rows).to_parquet(buf, index=False)
-        atomic_write_bytes(self.path, buf.getvalue())
+        self.path.write_bytes(buf.getvalue())
 
 
 class RunLog(RowTable):
     """A run's folder: its config, its metrics table (a row per step or round), its summary."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: PathLike) -> None:
+        self.run_dir = location(run_dir)
+        self.run_dir.mkdir()
         super().__init__(self.run_dir / METRICS_FILE)
 
     def write_config(self, config: dict[str, Any]) -> None:
         text = yaml.safe_dump(config, sort_keys=False)
-        atomic_write_bytes(self.run_dir / CONFIG_FILE, text.encode())
+        (self.run_dir / CONFIG_FILE).write_text(text)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps(summary, indent=2, sort_keys=True)
-        atomic_write_bytes(self.run_dir / SUMMARY_FILE, (text + "\n").encode())
+        (self.run_dir / SUMMARY_FILE).write_text(text + "\n")
 
 
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {CONFIG_FILE} is missing")
-    return yaml.safe_load(path.read_text())
+def read_run_config(run_dir: PathLike) -> dict[str, Any]:
+    try:
+        text = (location(run_dir) / CONFIG_FILE).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {CONFIG_FILE} is missing"
+                                ) from None
+    return yaml.safe_load(text)
 
 
 def headline(result: Mapping[str, Any]) -> str:

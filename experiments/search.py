@@ -42,6 +42,7 @@ from ray import tune
 from cluster import ray_logs
 from cluster.console import Printer
 from experiments.config import ConfigError, ExperimentConfig, apply_overrides, parse_config
+from metalearn.storage import PathLike, is_uri, location
 
 if TYPE_CHECKING:
     from experiments.progress import Bar, RunConsole
@@ -169,7 +170,7 @@ def _flat(summary: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tune_config_file(config_path: str | Path, space_path: str | Path, *,
+def tune_config_file(config_path: PathLike, space_path: str | Path, *,
                      overrides: list[str] | None = None, fresh: bool = False,
                      echo: Printer = print, progress: RunConsole | None = None,
                      ) -> dict[str, Any]:
@@ -180,9 +181,12 @@ def tune_config_file(config_path: str | Path, space_path: str | Path, *,
 
     from cluster.connect import connect, shutdown
 
-    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    raw = yaml.safe_load(location(config_path).read_text()) or {}
     raw = apply_overrides(raw, overrides or [])
     base = parse_config(raw, str(config_path))
+    if is_uri(base.output_dir):
+        raise ConfigError(f"edgemeta tune: output_dir {base.output_dir} is object storage; Tune "
+                          f"keeps its experiment in a local folder: give a local output_dir")
     if base.federated is not None:
         raise ConfigError("edgemeta tune: federated configs are not searched (each trial would "
                           "need its own set of sites); tune the learner with a centralized "

@@ -1,5 +1,6 @@
 """From the config to the sites: what each site is told when it starts (:class:`SiteJob`),
-how many tasks it draws, and who takes part in each round.
+where its store is and how it is sharded, how many tasks it draws, and who takes part in each
+round.
 
 This is the one place that turns ``federated`` config values into the cloud-edge contract
 (:mod:`actors.contract`), so a default lives in the config alone and the driver
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from actors.contract import Attack, LocalWork, SiteJob
 from cluster.topology import Site, Topology
 from experiments import dp, secagg
 from experiments.config import ConfigError, ExperimentConfig, FederatedConfig
+from metalearn.data.shard import ShardSpec
 from metalearn.from_config import algorithm_from_config
 from metalearn.params import FlatLayout
 
@@ -27,6 +30,52 @@ def federated_section(cfg: ExperimentConfig) -> FederatedConfig:
         raise ConfigError(f"config {cfg.name!r} has no federated section; add one (see "
                           "experiments/configs/federated_sinusoid.yaml)")
     return cfg.federated
+
+
+def site_stores(cfg: ExperimentConfig, topology: Topology) -> dict[str, str]:
+    """Each site's store, an absolute path on its node: the topology's ``store`` (relative
+    paths against the stores root), else ``<root>/<site>``; the root is
+    ``federated.data.stores``, else the run folder's ``stores/``."""
+    fed = federated_section(cfg)
+    if fed.data.stores:
+        root = Path(fed.data.stores).expanduser()
+    elif cfg.run_dir.is_local:
+        root = cfg.run_dir.path / "stores"
+    else:
+        raise ConfigError(f"the run is in object storage ({cfg.run_dir}), and a site's store "
+                          "is a folder on its node: set federated.data.stores to a local path")
+    out = {}
+    for site in topology.sites:
+        path = Path(site.store).expanduser() if site.store else Path(site.name)
+        out[site.name] = str((path if path.is_absolute() else root / path).absolute())
+    paths = list(out.values())
+    shared = sorted({p for p in paths if paths.count(p) > 1})
+    if shared:
+        raise ConfigError(f"each site needs a store of its own; these resolve to one: {shared} "
+                          "(a site's store, relative to federated.data.stores, names another "
+                          "site's default)")
+    return out
+
+
+def shard_spec(cfg: ExperimentConfig, topology: Topology) -> ShardSpec:
+    """How the sites' stores are made from the source data set (``federated.data``)."""
+    fed = federated_section(cfg)
+    if cfg.data.dataset != "omniglot":
+        raise ConfigError(f"site stores hold omniglot characters; dataset {cfg.data.dataset!r} "
+                          "has no examples to shard")
+    data = fed.data
+    return ShardSpec(sites=tuple(topology.site_names), partitioner=data.partitioner.model_dump(),
+                     seed=cfg.seed if data.seed is None else data.seed,
+                     min_classes=data.min_classes or 2 * cfg.data.ways, source=cfg.data.path)
+
+
+def auto_shard(cfg: ExperimentConfig, topology: Topology) -> ShardSpec | None:
+    """The spec a run shards with before its sites start (``federated.data.stores`` unset:
+    the stores live in the run folder), or None (the stores were made beforehand)."""
+    fed = federated_section(cfg)
+    if cfg.data.dataset != "omniglot" or fed.data.stores is not None:
+        return None
+    return shard_spec(cfg, topology)
 
 
 def tasks_per_site(cfg: ExperimentConfig, sites: int) -> int:

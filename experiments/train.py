@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +26,7 @@ from metalearn.evaluation import evaluate, evaluate_by_steps
 from metalearn.from_config import algorithm_from_config, sampler_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
+from metalearn.storage import PathLike
 
 if TYPE_CHECKING:
     from experiments.progress import RunConsole
@@ -139,7 +139,7 @@ def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptim
         echo(f"step {step}/{cfg.train.steps} {metrics} ({step / max(elapsed, 1e-9):.2f} it/s)")
 
 
-def evaluate_run(run_dir: str | Path, step: int | None = None, episodes: int | None = None,
+def evaluate_run(run_dir: PathLike, step: int | None = None, episodes: int | None = None,
                  overrides: list[str] | None = None, echo: Printer = print,
                  progress: RunConsole | None = None) -> dict[str, Any]:
     """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks.

@@ -1,11 +1,18 @@
 """Where a site's tasks come from, in pure torch: its partition of the data, split over its
 virtual clients (devices), and per-round samplers seeded so that anyone can redraw them.
 
-A site's data is a partition of the meta-training set (whole Omniglot alphabets, or a sinusoid
-amplitude sub-range), split further over the site's devices. The tasks a device samples in a
-round are a pure function of ``(seed, site, device, round)``: each round builds the device's
-sampler from a seed derived from those four numbers. A restarted actor, a resumed run and a
-centralized reference therefore all see the same tasks, with no sampler state to carry around.
+A site's data is its own store (:mod:`metalearn.data.store`: only its Omniglot characters, made
+by ``edgemeta data shard``), or a sinusoid amplitude sub-range, split further over the site's
+devices. The cloud plans from what each site reports of its store, its manifest (class counts
+and names, never examples): :func:`plan_from_manifests` chooses the held-out classes in the
+site's own class ids. :func:`plan_sites` is the same plan made from the whole source data set
+in global character ids (the alphabet partitioner): what an in-process reference of a test
+uses; a plan without a ``store`` reads the source data set, a plan with one reads the store.
+
+The tasks a device samples in a round are a pure function of ``(seed, site, device, round)``:
+each round builds the device's sampler from a seed derived from those four numbers. A
+restarted actor, a resumed run and a centralized reference therefore all see the same tasks,
+with no sampler state to carry around.
 """
 
 from __future__ import annotations
@@ -95,6 +102,32 @@ def plan_sites(data: Mapping[str, Any], sites: Sequence[str], seed: int,
     return plans
 
 
+def plan_from_manifests(data: Mapping[str, Any], manifests: Mapping[str, Any],
+                        stores: Mapping[str, str], seed: int,
+                        holdout_fraction: float = 0.2) -> dict[str, dict[str, Any]]:
+    """Each site's plan from its store's manifest (:class:`~metalearn.data.store.
+    StoreManifest`): the store's path and content hash, its training and held-out classes as
+    site-local ids (positions in the manifest), and its groups. Counts and names in, ids out:
+    no example is read. The held-out split is :func:`plan_sites`' own, so a store sharded by
+    alphabet gives exactly the tasks the source data set gave."""
+    need = int(data["shots"]) + int(data["queries"])
+    plans = {}
+    for site, manifest in manifests.items():
+        short = [c.name for c in manifest.classes if c.count < need]
+        if short:
+            raise ValueError(f"site {site}: classes {short[:3]} hold fewer than shots + queries "
+                             f"= {need} examples")
+        local = np.arange(manifest.num_classes, dtype=np.int64)
+        if local.size < int(data["ways"]):
+            raise ValueError(f"site {site} holds {local.size} classes, fewer than ways = "
+                             f"{data['ways']}")
+        chars, held = _holdout_split(site, local, holdout_fraction, int(data["ways"]), seed)
+        plans[site] = {"site": site, "store": str(stores[site]), "store_sha256": manifest.sha256,
+                       "characters": chars.tolist(), "holdout": held.tolist(),
+                       "alphabets": manifest.groups}
+    return plans
+
+
 def split_tasks(n: int, devices: int) -> list[int]:
     """How ``n`` tasks of a round split over ``devices`` sorted devices: as evenly as possible,
     the first ones one more when ``n`` does not divide (what :meth:`SiteTasks.round_sampler`
@@ -129,6 +162,43 @@ class SiteTasks:
         self.sinusoid = data["dataset"] == "sinusoid"
         self._parts: list[np.ndarray] | None = None
 
+    @property
+    def manifest(self) -> Any:
+        """The site store's manifest (None without a store: sinusoid, or a source plan)."""
+        store = self.plan.get("store")
+        return None if store is None else self.load().manifest  # type: ignore[union-attr]
+
+    def load(self) -> Any:
+        """Load the site's data now (the store, checked against the planned content hash;
+        the source data set for a plan without a store; nothing for sinusoid)."""
+        if self.sinusoid:
+            return None
+        store = self.plan.get("store")
+        if store is None:
+            from metalearn.data.omniglot import load_omniglot
+
+            return load_omniglot(self.data.get("path"))
+        from metalearn.data.store import StoreError, load_store
+
+        loaded = load_store(store)
+        planned = self.plan.get("store_sha256")
+        if planned is not None and loaded.manifest.sha256 != planned:
+            raise StoreError(f"site {self.site}: the store at {store} changed since the cloud "
+                             "planned from its manifest (content hash differs)")
+        return loaded
+
+    def _episodes(self, characters: np.ndarray, seed: int) -> Any:
+        """An episode sampler over ``characters`` (site-local ids with a store)."""
+        from metalearn.from_config import sampler_from_config
+
+        if self.plan.get("store") is None:
+            return sampler_from_config(self.data, seed=seed, characters=characters)
+        from metalearn.data.episodes import OmniglotEpisodes
+
+        return OmniglotEpisodes(self.load().as_omniglot(), characters, ways=self.data["ways"],
+                                shots=self.data["shots"], queries=self.data["queries"],
+                                rotations=self.data.get("rotations", True), seed=seed)
+
     def device_part(self, device: int) -> np.ndarray | tuple[float, float]:
         """Device ``device``'s characters, or its amplitude sub-range (sinusoid)."""
         if not 0 <= device < self.devices:
@@ -155,7 +225,7 @@ class SiteTasks:
         seed = round_seed(self.seed, self.site, device, round_idx)
         if self.sinusoid:
             return sampler_from_config(self.data, seed=seed, amplitude=part)  # type: ignore[arg-type]
-        return sampler_from_config(self.data, seed=seed, characters=part)  # type: ignore[arg-type]
+        return self._episodes(part, seed)  # type: ignore[arg-type]
 
     def round_sampler(self, device_ids: Sequence[int], round_idx: int) -> SampleTasks:
         """``sample(n)``: ``n`` tasks split as evenly as possible over ``device_ids`` (the first
@@ -189,4 +259,4 @@ class SiteTasks:
         if held.size == 0:
             raise ValueError(f"site {self.site} holds out no characters "
                              "(federated.holdout_fraction is 0): nothing to personalize on")
-        return sampler_from_config(self.data, seed=seed, characters=held)
+        return self._episodes(held, seed)

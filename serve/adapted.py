@@ -2,19 +2,18 @@
 
 ``/v1/adapt`` names its result by what went into it (base parameters, support set, steps), so
 the same request always names the same model and a repeat costs no inner loop; the file lands
-in the run folder, where every replica can load it by that id.
+in the run folder (in run storage: a local folder or an object store), where every replica, on
+any node, can load it by that id.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from pathlib import Path
 
 from torch import Tensor
 
 from metalearn.params import Params
+from metalearn.storage import PathLike, location
 
 ADAPTED_FORMAT = "edgemeta-adapted/1"
 
@@ -40,18 +39,11 @@ def adapted_key(base_fingerprint: str, support_x: Tensor, support_y: Tensor,
     return "ad-" + h.hexdigest()[:24]
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file and ``os.replace`` it in: readers see all of it or nothing.
+def replace_atomically(path: PathLike, data: bytes) -> None:
+    """Write the file whole (a local temporary file and ``os.replace``, or one upload to an
+    object store): readers see all of it or nothing.
 
     Unlike checkpoints, adapted models skip ``fsync``: a crash may lose one, but the same
     request recreates it under the same id, and an fsync per ``/adapt`` costs milliseconds.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    location(path).write_bytes(data, durable=False)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from cluster import ray_logs
 from cluster.console import Printer
 from cluster.ports import free_port
+from metalearn.storage import location
 
 Ingress = Literal["haproxy", "proxy"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
@@ -251,15 +252,15 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     Raises :class:`StartError` (one sentence; the traceback and the driver's Ray log in the
     first run folder's ``logs/``) when Serve does not start."""
     run_dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
-    for d in run_dirs:
-        if not (Path(d) / "config.yaml").is_file():
+    for d in run_dirs:  # a local folder or a URI in run storage (s3://bucket/runs/NAME)
+        if not (location(d) / "config.yaml").is_file():
             raise FileNotFoundError(f"{d} is not a run folder: config.yaml is missing")
     if address is None and _port_taken(host, port):
         raise StartError(f"port {port} on {host} is taken by another process: stop it or "
                          f"choose another port with --port")
-    app_settings = {"run_dirs": [str(Path(d).resolve()) for d in run_dirs], "site": site,
+    app_settings = {"run_dirs": [str(location(d).resolve()) for d in run_dirs], "site": site,
                     "num_replicas": num_replicas, "token_file": token_file, **settings}
-    log_dir = Path(run_dirs[0]) / "logs"
+    log_dir = ray_logs.log_dir_for(run_dirs[0])
     try:
         served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
                        proxy_location=proxy_location, log_dir=log_dir, echo=echo)

@@ -22,19 +22,23 @@ model per spelling, for as long as the file exists. Canonical ids key every mode
 route requests between replicas; :meth:`ModelStore.locate` maps one back to its file without
 resolving anything. Ids are matched against a strict pattern before any path is built from them,
 so an id cannot walk out of the run folder.
+
+A run folder is a local folder or a URI in run storage (``s3://bucket/runs/NAME``, see
+:mod:`metalearn.storage`): replicas on different nodes then read each other's adapted models and
+the driver's checkpoints without a shared disk. Locally the ``latest`` pointer is stat-ed and
+re-read only when it changed; in an object store it is re-read (a GET of a few bytes) at most
+every ``poll_s``.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
@@ -42,8 +46,15 @@ import yaml
 from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaAlgorithm
-from metalearn.checkpoint import checkpoint_dir, checkpoint_path, latest_step, list_checkpoints
+from metalearn.checkpoint import (
+    checkpoint_dir,
+    checkpoint_path,
+    latest_step,
+    list_checkpoints,
+    read_torch,
+)
 from metalearn.params import Params
+from metalearn.storage import Location, PathLike, location
 from serve.adapted import ADAPTED_FORMAT, adapted_key, fingerprint, replace_atomically
 from serve.errors import UnknownModel
 from serve.signature import ModelSignature
@@ -75,7 +86,7 @@ class ModelRef:
     run: str
     kind: Kind
     key: str  # step (as text, no leading zeros), site-NAME, or ad-HEX
-    path: Path
+    path: Location
 
     @property
     def id(self) -> str:
@@ -104,10 +115,10 @@ class LoadedModel:
         return self.ref.id
 
 
-def _read_params(path: Path) -> Params:
+def _read_params(path: Location) -> Params:
     """Parameters from a checkpoint-like file: ``{"params": {...}}`` or a bare dict."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch(path)
     except FileNotFoundError:
         raise UnknownModel(f"model file {path.name} disappeared") from None
     if isinstance(obj, dict) and isinstance(obj.get("params"), dict):
@@ -120,17 +131,19 @@ def _read_params(path: Path) -> Params:
 class RunStore:
     """One run folder: its config, algorithm, checkpoints, site models and adapted models."""
 
-    def __init__(self, run_dir: str | Path, poll_s: float = 0.2,
+    def __init__(self, run_dir: PathLike, poll_s: float = 0.2,
                  algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None
                  ) -> None:
-        self.run_dir = Path(run_dir).resolve()
-        config_file = self.run_dir / "config.yaml"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run folder: config.yaml is missing")
+        self.run_dir = location(run_dir).resolve()
+        try:
+            config_text = (self.run_dir / "config.yaml").read_text()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"{run_dir} is not a run folder: config.yaml is missing"
+                                    ) from None
         self.name = self.run_dir.name
         if not re.fullmatch(_RUN, self.name):
             raise ValueError(f"run folder name {self.name!r} is not a valid run id")
-        self.config: dict[str, Any] = yaml.safe_load(config_file.read_text())
+        self.config: dict[str, Any] = yaml.safe_load(config_text)
         self.signature = ModelSignature.from_config(self.config)
         self.poll_s = float(poll_s)
         self._factory = algorithm_factory
@@ -153,14 +166,15 @@ class RunStore:
         return self._algorithm
 
     @property
-    def adapted_dir(self) -> Path:
+    def adapted_dir(self) -> Location:
         return self.run_dir / ADAPTED_DIR
 
     def latest(self) -> int | None:
         """The step ``latest`` names, re-read only when the pointer file changed.
 
-        A stat at most every ``poll_s`` keeps this cheap on the request path; ``os.replace``
-        gives the pointer a new inode, so a change is seen even within one mtime tick.
+        A look at most every ``poll_s`` keeps this cheap on the request path. Locally it is a
+        stat, and ``os.replace`` gives the pointer a new inode, so a change is seen even
+        within one mtime tick; in an object store the pointer is simply read again.
         """
         now = time.monotonic()
         if now - self._latest_checked < self.poll_s:
@@ -169,17 +183,17 @@ class RunStore:
             self._latest_checked = now
             pointer = checkpoint_dir(self.run_dir) / "latest"
             try:
-                st = os.stat(pointer)
+                sig = pointer.change_marker()
             except FileNotFoundError:
                 self._latest, self._latest_sig = None, None
                 return None
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if sig != self._latest_sig:
+            if sig is None or sig != self._latest_sig:
                 try:
                     self._latest = latest_step(self.run_dir)
                     self._latest_sig = sig
-                except (FileNotFoundError, ValueError):
-                    pass  # replaced between stat and read, or torn by hand: keep the last one
+                except (FileNotFoundError, ValueError, OSError):
+                    pass  # replaced between stat and read, torn by hand, or the store did
+                    # not answer this time: keep the last one
             return self._latest
 
     def at(self, key: str) -> ModelRef:
@@ -233,17 +247,14 @@ class RunStore:
         metas = [{"id": f"{self.name}@{s}", "run": self.name, "step": s, "latest": s == latest}
                  for s in list_checkpoints(self.run_dir)]
         sites, adapted = [], []
-        if self.adapted_dir.is_dir():
-            for entry in os.scandir(self.adapted_dir):
-                if (m := _SITE_FILE.match(entry.name)) is not None:
-                    st = entry.stat()
-                    sites.append({"id": f"{self.name}@site-{m.group(1)}", "run": self.name,
-                                  "site": m.group(1), "bytes": st.st_size,
-                                  "modified": st.st_mtime})
-                elif (m := _ADAPTED_FILE.match(entry.name)) is not None:
-                    st = entry.stat()
-                    adapted.append({"id": f"{self.name}@{m.group(1)}", "run": self.name,
-                                    "bytes": st.st_size, "modified": st.st_mtime})
+        for entry in self.adapted_dir.files():
+            if (m := _SITE_FILE.match(entry.name)) is not None:
+                sites.append({"id": f"{self.name}@site-{m.group(1)}", "run": self.name,
+                              "site": m.group(1), "bytes": entry.size,
+                              "modified": entry.mtime})
+            elif (m := _ADAPTED_FILE.match(entry.name)) is not None:
+                adapted.append({"id": f"{self.name}@{m.group(1)}", "run": self.name,
+                                "bytes": entry.size, "modified": entry.mtime})
         adapted.sort(key=lambda a: a["modified"], reverse=True)
         sig = self.signature
         run = {"run": self.name, "algorithm": sig.algorithm, "dataset": sig.dataset,
@@ -302,7 +313,7 @@ class ModelStore:
     lets ``@serve.multiplexed`` be the cache, keyed by canonical ids.
     """
 
-    def __init__(self, run_dirs: Sequence[str | Path], poll_s: float = 0.2, cache_size: int = 0,
+    def __init__(self, run_dirs: Sequence[PathLike], poll_s: float = 0.2, cache_size: int = 0,
                  algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None
                  ) -> None:
         if not run_dirs:

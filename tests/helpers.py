@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,3 +86,37 @@ def multi_node_cluster(sites: list[str], *, fast_health_checks: bool = True) -> 
         ray.shutdown()
         c.shutdown()
         auth.restore_process(previous)
+
+
+S3_BUCKET = "edgemeta-runs"
+
+
+@contextmanager
+def s3_server(bucket: str = S3_BUCKET) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's standalone server, HTTP on 127.0.0.1) with one
+    bucket. Yields the AWS environment that points clients at it, also set in this process
+    (pyarrow, boto3 and the AWS CLI all read it) until the block ends."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        env = {"AWS_ACCESS_KEY_ID": "edgemeta-test", "AWS_SECRET_ACCESS_KEY": "edgemeta-test",
+               "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                              allow_bucket_creation=True).create_dir(bucket)
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        server.stop()

@@ -2,16 +2,24 @@
 
 One cluster for the module (start-up is the slow part). The tests run in file order: the
 node-failure test changes site-1's node id, and the last test takes the cluster down.
+
+Every node is started with the run-storage settings that cluster.yaml provisions: the AWS
+environment of a real S3-compatible server on 127.0.0.1 (moto's) and ``EDGEMETA_RUN_STORAGE``
+naming a bucket on it.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from helpers import train_tiny_run
+import yaml
+from helpers import S3_BUCKET, s3_server
 
 from cluster import auth, local, procs
 from cluster.connect import SiteNodesError, check_site_nodes, connect, shutdown
@@ -20,8 +28,14 @@ from cluster.settings import FAST_HEALTH_CHECK_ENV
 from cluster.state import HEAD, STATE_FILE, ClusterError, ClusterInfo, read_state
 from cluster.topology import Topology, TopologyError, uniform_topology
 from experiments.cli import main as cli_main
+from experiments.run_storage import STORAGE_ENV
+from metalearn.checkpoint import list_checkpoints
+from metalearn.storage import Location
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_RUNS = f"s3://{S3_BUCKET}/cluster-runs"
 
 
 def _topology() -> Topology:
@@ -34,10 +48,17 @@ def _topology() -> Topology:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def s3():
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str]):
     state = tmp_path_factory.mktemp("cluster") / "state"
     t0 = time.monotonic()
-    info = local.up(_topology(), state, env=FAST_HEALTH_CHECK_ENV)
+    info = local.up(_topology(), state,
+                    env={**FAST_HEALTH_CHECK_ENV, **s3, STORAGE_ENV: CLUSTER_RUNS})
     print(f"\ncluster up in {time.monotonic() - t0:.1f} s")
     yield info
     if (state / STATE_FILE).exists():
@@ -100,24 +121,43 @@ def test_pinned_actor_runs_on_its_site(cluster: ClusterInfo) -> None:
     assert os.environ.get(auth.TOKEN_PATH_ENV) != cluster.token_path  # environment restored
 
 
-def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo,
-                                                        tmp_path: Path) -> None:
+def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo) -> None:
     """``site: site-1`` places the Serve replica on site-1's raylet, not on the head where
-    the request enters, and the response headers say where it was served."""
+    the request enters, and the response headers say where it was served. The run is in run
+    storage (s3), not on a disk the nodes share: the replica reads its checkpoint from there,
+    a model it adapts lands there for any node to load, and it serves one adapted elsewhere."""
     import httpx
+    import torch
 
+    from experiments.config import parse_config
+    from experiments.train import train
     from serve.launch import start
+    from serve.store import ModelStore
 
-    run = train_tiny_run(tmp_path, "sine", "sinusoid")
+    uri = f"s3://{S3_BUCKET}/served/sine"
+    train(parse_config({
+        "name": "sine", "output_dir": f"s3://{S3_BUCKET}/served", "seed": 0,
+        "data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
+        "model": {"name": "sinusoid_mlp"}, "algorithm": {"name": "maml", "inner_lr": 0.01},
+        "train": {"steps": 2, "meta_batch": 2, "checkpoint_every": 1, "log_every": 1},
+        "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}), echo=lambda _: None)
+    here = ModelStore([uri], cache_size=2)  # this process: the head's node, not site-1's
+    elsewhere = here.adapt(here.get("latest"), torch.tensor([[0.0], [1.0]]),
+                           torch.tensor([0.0, 0.8]), steps=1)
     connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
     try:
-        handle = start({"run_dirs": [str(run)], "site": "site-1"}, ingress="proxy",
+        handle = start({"run_dirs": [uri], "site": "site-1"}, ingress="proxy",
                        port=first_free_port(8470, 8500))
         try:
             with httpx.Client(base_url=handle.url, timeout=60) as http:
                 health = http.get("/healthz")
                 answer = http.post("/v1/models/sine@latest/predict",
                                    json={"inputs": [[0.5], [1.5]]})
+                adapted = http.post("/v1/adapt", json={
+                    "base_model": "sine@latest", "support_inputs": [[-1.0], [0.5], [2.0]],
+                    "support_labels": [-0.8, 0.5, 0.9], "steps": 2})
+                theirs = http.post(f"/v1/models/{elsewhere.ref.id}/predict",
+                                   json={"inputs": [[0.5]]})
         finally:
             handle.stop()
     finally:
@@ -128,6 +168,16 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo,
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-edgemeta-node"] == site_node
     assert len(answer.json()["values"]) == 2
+    # made on site-1's node, found in s3 by this process, and the same parameters
+    assert adapted.status_code == 200 and adapted.headers["x-edgemeta-node"] == site_node
+    made = adapted.json()["model_id"]
+    assert made.startswith("sine@ad-") and Location(f"{uri}/adapted/{made[5:]}.pt").is_file()
+    assert here.get(made).id == made
+    # made here, served by site-1's replica from s3
+    assert theirs.status_code == 200, theirs.text
+    model = here.get(elsewhere.ref.id)
+    want = model.algorithm.predict(model.params, torch.tensor([[0.5]]))
+    assert theirs.json()["values"][0] == pytest.approx(float(want.reshape(-1)[0]), abs=1e-5)
 
 
 def test_job_submit_with_token(cluster: ClusterInfo, tmp_path: Path) -> None:
@@ -162,6 +212,60 @@ def test_job_submit_with_token(cluster: ClusterInfo, tmp_path: Path) -> None:
 
     with pytest.raises(Exception, match=r"(?i)auth|401|403"):
         JobSubmissionClient(cluster.dashboard_url).list_jobs()  # no token: refused
+
+
+def _federated_config(name: str) -> dict:
+    return {"name": name, "seed": 0,  # output_dir: the default, relative `runs`
+            "data": {"dataset": "sinusoid", "shots": 5, "queries": 5},
+            "model": {"name": "sinusoid_mlp", "hidden": 20},
+            "algorithm": {"name": "maml", "inner_lr": 0.01},
+            "train": {"meta_batch": 4, "steps": 3, "checkpoint_every": 1, "log_every": 1},
+            "eval": {"episodes": 8, "steps_list": [0, 1], "batch": 8},
+            "federated": {"topology": {"sites": 2, "devices": 2}, "personalize_episodes": 4}}
+
+
+def test_submitted_job_keeps_its_run_in_run_storage(cluster: ClusterInfo, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edgemeta submit` of a config kept outside the repository: the real federated entry
+    point runs as a Ray job, trains three rounds on the sites and writes its run to the
+    cluster's run storage (s3); status and logs come back through the Job API. The same job
+    without run storage is refused, since its run would land in Ray's working dir."""
+    from experiments.submit import job_client, submit_job, wait_for_job
+
+    monkeypatch.setenv(auth.TOKEN_PATH_ENV, cluster.token_path)
+    config = tmp_path / "private" / "fed.yaml"  # outside the working dir: never uploaded
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(_federated_config("job-run")))
+    said: list[str] = []
+    t0 = time.monotonic()
+    refused = submit_job(str(config), address=cluster.dashboard_url, working_dir=str(REPO),
+                         env_vars={STORAGE_ENV: ""}, echo=said.append)
+    job = submit_job(str(config), address=cluster.dashboard_url, working_dir=str(REPO),
+                     echo=said.append)
+    assert f"-> the cluster's {STORAGE_ENV}/job-run" in said[1]
+    client = job_client(cluster.dashboard_url)
+    status = wait_for_job(client, job, echo=lambda _: None, timeout_s=150)
+    logs = client.get_job_logs(job)
+    print(f"job {status} in {time.monotonic() - t0:.1f} s")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"run storage: {CLUSTER_RUNS}/job-run" in logs
+    assert "round 3/3 arrived 2/2" in logs
+
+    run = Location(f"{CLUSTER_RUNS}/job-run")
+    assert list_checkpoints(run) == [1, 2, 3]
+    rows = pd.read_parquet(io.BytesIO((run / "metrics.parquet").read_bytes()))
+    assert rows["round"].tolist() == [1, 2, 3] and (rows["arrived"] == 2).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_steps"] == 3 and summary["federated"]["sites"] == ["site-0", "site-1"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "job-run"
+    assert (run / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    unpacked = list(Path(cluster.temp_root).glob("**/working_dir_files/*"))
+    assert unpacked and not [p for p in unpacked if (p / "runs").exists()]  # nothing left there
+
+    assert wait_for_job(client, refused, echo=lambda _: None, timeout_s=60) == "FAILED"
+    refusal = client.get_job_logs(refused)
+    assert "inside the Ray job's unpacked working dir" in refusal, refusal[-2000:]
+    assert "Traceback" not in refusal
 
 
 def test_kill_and_restart_a_site(cluster: ClusterInfo) -> None:

@@ -80,9 +80,41 @@ def test_commands_auth_dashboard_and_install_order(cfg: dict) -> None:
     assert token_mount.endswith("cloud_auth_token")
     setup = cfg["setup_commands"]
     torch_at = next(i for i, c in enumerate(setup) if "torch==2.13.0" in c)
-    project_at = next(i for i, c in enumerate(setup) if "-e ~/edgemeta" in c)
+    project_at = next(i for i, c in enumerate(setup) if '-e "$HOME/edgemeta[data]"' in c)
     assert torch_at < project_at
     assert "download.pytorch.org/whl/cpu" in setup[torch_at]
+
+
+def test_every_node_gets_run_storage_and_its_own_data(cfg: dict) -> None:
+    """The run-storage env file is mounted on every node and exported to every `ray start`
+    (so job drivers and replicas see EDGEMETA_RUN_STORAGE); the cloud fetches the data for
+    its meta-test, and each edge node fetches it and shards exactly its own site's store."""
+    env_file = "~/.edgemeta/run_storage.env"
+    assert cfg["file_mounts"][env_file] == env_file
+    for cmd in (*cfg["head_start_ray_commands"], *cfg["worker_start_ray_commands"]):
+        if "ray start" in cmd:
+            assert cmd.index(f". {env_file}") < cmd.index("ray start"), cmd
+    assert cfg["head_setup_commands"] == ["edgemeta data fetch omniglot"]
+    for name, site in cloud_config.site_node_types(cfg).items():
+        (command,) = cfg["available_node_types"][name]["worker_setup_commands"]
+        fetch, shard = command.split(" && ")
+        assert fetch == "edgemeta data fetch omniglot"
+        assert shard.split() == ["edgemeta", "data", "shard", "federated_omniglot_4sites",
+                                 "--site", site, "--stores", "~/edgemeta-stores"]
+
+
+def test_readme_commands_match_cluster_yaml() -> None:
+    """The README's cloud commands are the ones cluster.yaml's header documents."""
+    readme = (REPO / "README.md").read_text()
+    header = "\n".join(line[2:] for line in (REPO / "cluster.yaml").read_text().splitlines()
+                       if line.startswith("#   "))
+    section = readme.split("### On a public cloud: `ray up`")[1].split("\n## ")[0]
+    for command in ("ray up -y cluster.yaml", "edgemeta submit federated_omniglot_4sites "
+                    "--address http://127.0.0.1:8265", "--set federated.data.stores="
+                    "~/edgemeta-stores", "ray down -y cluster.yaml",
+                    "EDGEMETA_RUN_STORAGE=s3://YOUR-BUCKET/edgemeta/runs"):
+        assert command in header, command
+        assert command in section, command
 
 
 def test_site_node_types_rejects_bad_shapes(cfg: dict) -> None:

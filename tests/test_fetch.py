@@ -187,3 +187,33 @@ def test_fetch_checks_content_and_installs(server: str, converted: Path, tmp_pat
         assert all(np.array_equal(a[k], b[k]) for k in README_KEYS)
     # An installed file is kept without touching the network.
     assert fetch_omniglot(tmp_path, base_url="http://127.0.0.1:9/", progress=False) == out
+
+
+def test_demo_fetches_missing_data_or_says_what_to_do(server: str, converted: Path,
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh clone has no data: the demo's data step fetches it where the loader looks,
+    checked; without network it stops with what to do instead."""
+    from experiments.demo import OMNIGLOT_URL_ENV, ensure_omniglot
+
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", "")  # as `make` exports it without ../shared/data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(OMNIGLOT_URL_ENV, server)
+    with np.load(converted) as z:
+        monkeypatch.setattr(fetch_module, "IMAGES105_SHA256", content_sha256(z["images105"]))
+    said: list[str] = []
+    path = ensure_omniglot(said.append)
+    assert path == tmp_path / "cache" / "edgemeta" / "omniglot" / "omniglot.npz"
+    assert find_omniglot() == path and load_omniglot(path).images.shape == (8, 20, 28, 28)
+    assert said[0].startswith(f"Omniglot not found: fetching it from {server}")
+    assert ensure_omniglot(said.append) == path and len(said) == 2  # found: no fetch again
+
+    monkeypatch.setenv("EDGEMETA_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(OMNIGLOT_URL_ENV, "http://127.0.0.1:9/")  # no network
+    with pytest.raises(FetchError) as err:
+        ensure_omniglot(said.append, timeout_s=5)
+    msg = str(err.value)
+    assert msg.startswith("the demo needs Omniglot and could not fetch it: could not download")
+    assert "copy omniglot.npz by hand" in msg and "edgemeta data fetch omniglot" in msg
+    assert not (tmp_path / "elsewhere" / "omniglot" / "omniglot.npz").exists()
