@@ -90,7 +90,7 @@ def federated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def _open(browser: Any, path: Path, shot: Path) -> list[dict[str, Any]]:
     browser.get_log("browser")  # drop what an earlier page logged
-    browser.get(path.resolve().as_uri())
+    browser.get(Path(path).resolve().as_uri())
     charts = browser.execute_script(SERIES_JS)
     height = browser.execute_script("return document.body.scrollHeight")
     browser.set_window_size(1200, min(height + 50, 8000))
