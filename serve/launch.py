@@ -144,6 +144,7 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     owns_ray = False
+    ray_logs.route_driver_logs(log_dir, echo)  # ray.init's own warnings too
     try:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {**ray_logs.init_kwargs(), **dict(ray_init or {})}
