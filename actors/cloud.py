@@ -21,6 +21,7 @@ import ray
 
 from cluster import open_audit
 from cluster.topology import ACTOR_RESOURCE_REQUEST, CLOUD_RESOURCE, Topology, site_resource
+from metalearn.data.registry import get_source
 from metalearn.data.shard import ShardSpec, shard_sites
 from metalearn.data.store import StoreManifest, verify_store
 from metalearn.sites import plan_from_manifests, plan_sites
@@ -97,10 +98,14 @@ def plan_partitions(data: Mapping[str, Any], topology: Topology, seed: int, hold
                     stores: Mapping[str, str] | None = None,
                     shard: ShardSpec | None = None) -> dict[str, dict[str, Any]]:
     """Each site's plan (ids, not data). Omniglot: from the manifests the sites report of
-    their stores at ``stores`` (made first with ``shard``, if given); sinusoid ranges are
-    arithmetic on the config. A plan that cannot be made raises :class:`SitePlanError`."""
-    if data["dataset"] == "sinusoid":
+    their stores at ``stores`` (made first with ``shard``, if given); another data set that
+    reads files (an image folder's classes) is planned by a task on the cloud node; sinusoid
+    ranges are arithmetic on the config. A plan that cannot be made raises
+    :class:`SitePlanError`."""
+    if not get_source(data).reads_files:
         return plan_sites(data, topology.site_names, seed, holdout)
+    if data["dataset"] != "omniglot":
+        return _plan_on_cloud(data, topology, seed, holdout)
     if stores is None:
         raise SitePlanError("omniglot sites read their stores: give each site's store path")
     manifests = site_manifests(topology, stores, shard)
@@ -108,3 +113,17 @@ def plan_partitions(data: Mapping[str, Any], topology: Topology, seed: int, hold
         return plan_from_manifests(data, manifests, stores, seed, holdout)
     except ValueError as err:
         raise SitePlanError(f"cannot plan the sites from their manifests: {err}") from None
+
+
+def _plan_on_cloud(data: Mapping[str, Any], topology: Topology, seed: int,
+                   holdout: float) -> dict[str, dict[str, Any]]:
+    """A data set without site stores yet (an image folder): planned from its files by a task
+    on the cloud node."""
+    try:
+        return ray.get(on_cloud(plan_sites, topology).remote(
+            dict(data), topology.site_names, seed, holdout))
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, ValueError):
+            raise SitePlanError(f"cannot partition the data over the sites: {cause}") from None
+        raise

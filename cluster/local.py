@@ -4,10 +4,10 @@ Each node is its own ``ray start`` with its own ``--resources``, CPU and memory 
 the sites are separate nodes: an actor pinned to ``edge:site-1`` runs in site-1's raylet, and
 killing that raylet is a node failure. Used for fault tests and the end-to-end demo.
 
-This module is the launcher's API (``edgemeta cluster up/down/status`` and the fault tests'
-kill and restart of a site). What it started is recorded by :mod:`cluster.state`; how one node
-is started, watched and stopped (each in a session of its own, never with ``ray stop``) is in
-:mod:`cluster.nodes`. Linux only (it reads ``/proc``).
+This module is the launcher's API (``edgemeta cluster up/down/status/stop-site/restart-site``
+and the fault tests' kill of a site). What it started is recorded by :mod:`cluster.state`; how
+one node is started, watched and stopped (each in a session of its own, never with ``ray
+stop``) is in :mod:`cluster.nodes`. Linux only (it reads ``/proc``).
 """
 
 from __future__ import annotations
@@ -171,13 +171,39 @@ def kill_site(state_dir: str | Path | None, site: str, *, echo: Printer = print_
     return len(pids)
 
 
-def start_site(state_dir: str | Path | None, site: str, *, env: Mapping[str, str] | None = None,
-               timeout_s: float = 60.0, echo: Printer = print_to_stderr) -> ClusterInfo:
-    """Start a site's raylet again (after ``kill_site``); it joins as a new node id."""
+def stop_site(state_dir: str | Path | None, site: str, *, grace_s: float = 10.0,
+              echo: Printer = print_to_stderr) -> int:
+    """Stop one site's node as ``down`` stops every node (SIGTERM, ``grace_s``, SIGKILL),
+    including what a killed raylet left behind; returns how many processes were stopped."""
     info = read_state(state_dir)
     node = _site_node(info, site, owned=True)
-    if nodes.node_pids(procs.process_table(), node):
-        raise ClusterError(f"site '{site}' still has running processes; kill_site it first")
+    n = nodes.stop_group([node], grace_s=grace_s, echo=echo)
+    echo(f"site '{site}' stopped ({n} process(es))" if n else f"site '{site}' was not running")
+    return n
+
+
+def restart_site(state_dir: str | Path | None, site: str, *, grace_s: float = 10.0,
+                 env: Mapping[str, str] | None = None, timeout_s: float = 60.0,
+                 echo: Printer = print_to_stderr) -> ClusterInfo:
+    """Stop whatever runs of a site (a live node, or a killed raylet's leftovers) and start it
+    again; it joins as a new node id, and actors pinned to the site come back on it."""
+    stop_site(state_dir, site, grace_s=grace_s, echo=echo)
+    return start_site(state_dir, site, env=env, timeout_s=timeout_s, echo=echo)
+
+
+def start_site(state_dir: str | Path | None, site: str, *, env: Mapping[str, str] | None = None,
+               timeout_s: float = 60.0, echo: Printer = print_to_stderr) -> ClusterInfo:
+    """Start a site's raylet again (after ``kill_site`` or ``stop_site``); it joins as a new
+    node id. Processes the last raylet left behind (its log monitor, say, which outlives a
+    SIGKILLed raylet) are stopped first; a site whose raylet runs is refused."""
+    info = read_state(state_dir)
+    node = _site_node(info, site, owned=True)
+    if nodes.has_raylet(procs.process_table(), node):
+        raise ClusterError(f"site '{site}' is running; `edgemeta cluster restart-site {site}` "
+                           "restarts it")
+    left = nodes.stop_group([node], grace_s=2.0, echo=echo)
+    if left:
+        echo(f"stopped {left} process(es) left over from site '{site}''s last raylet")
     t0 = time.monotonic()
     nodes.start_nodes(info, [site], env)
     nodes.wait_nodes(info, [site], timeout_s)

@@ -45,7 +45,7 @@ from typing import IO, Any
 from cluster import auth, procs
 from cluster.console import Printer
 from cluster.ports import free_port
-from cluster.settings import RAY_SYSTEM_CONFIG
+from cluster.settings import LOCAL_HEALTH_CHECK_CONFIG, RAY_SYSTEM_CONFIG
 from cluster.state import HEAD, ClusterError, ClusterInfo, NodeProcess
 from cluster.topology import (
     CLOUD_RESOURCE,
@@ -150,7 +150,7 @@ def _start_command(info: ClusterInfo, name: str, client_port: int | None,
         cmd += ["--head", f"--port={topo.head_port}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={topo.dashboard_port}", "--include-dashboard=true",
                 f"--ray-client-server-port={client_port}", "--disable-usage-stats",
-                f"--system-config={json.dumps(dict(RAY_SYSTEM_CONFIG))}"]
+                f"--system-config={json.dumps(head_system_config())}"]
         if autoscaling is not None:
             cmd += [f"--autoscaling-config={autoscaling}"]
     else:
@@ -161,6 +161,12 @@ def _start_command(info: ClusterInfo, name: str, client_port: int | None,
             f"--resources={json.dumps(custom)}", f"--temp-dir={node.temp_dir}",
             f"--dashboard-agent-listen-port={node.agent_port}"]
     return cmd
+
+
+def head_system_config() -> dict[str, int]:
+    """The head's ``--system-config``: what every edgemeta cluster sets, and the local
+    cluster's quick health checks (:data:`cluster.settings.LOCAL_HEALTH_CHECK_CONFIG`)."""
+    return {**RAY_SYSTEM_CONFIG, **LOCAL_HEALTH_CHECK_CONFIG}
 
 
 def _node_env(info: ClusterInfo, extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -269,21 +275,33 @@ def stop_nodes(info: ClusterInfo, *, grace_s: float, echo: Printer) -> int:
     """
     sites = [n for n in info.nodes.values() if n.kind == "site"]
     heads = [n for n in info.nodes.values() if n.kind == "head"]
-    stopped = 0
-    for group in (sites, heads):
-        for bucket in ("raylet", "other", "gcs_server"):
-            table = procs.process_table()
-            pids = sorted({p for n in group for p in node_pids(table, n)
-                           if _bucket(table[p].comm) == bucket})
-            killed = procs.terminate(pids, grace_s)
-            if killed:
-                echo(f"{len(killed)} process(es) ignored SIGTERM for {grace_s:.0f} s; "
-                     f"sent SIGKILL")
-            stopped += len(pids)
+    stopped = stop_group(sites, grace_s=grace_s, echo=echo)
+    stopped += stop_group(heads, grace_s=grace_s, echo=echo)
     # anything that still names the cluster's temp dir (a worker re-parented mid-shutdown)
     stray = procs.owned_pids(procs.process_table(), [], info.temp_root + "/")
     procs.send(stray, signal.SIGKILL)
     return stopped + len(stray)
+
+
+def stop_group(group: list[NodeProcess], *, grace_s: float, echo: Printer) -> int:
+    """Stop the processes of the nodes in ``group`` in Ray's order (raylet, others, GCS):
+    SIGTERM, up to ``grace_s``, then SIGKILL. Whatever is left of a node whose raylet was
+    killed (its log monitor, agents, workers) is found the same way: by session and temp dir."""
+    stopped = 0
+    for bucket in ("raylet", "other", "gcs_server"):
+        table = procs.process_table()
+        pids = sorted({p for n in group for p in node_pids(table, n)
+                       if _bucket(table[p].comm) == bucket})
+        killed = procs.terminate(pids, grace_s)
+        if killed:
+            echo(f"{len(killed)} process(es) ignored SIGTERM for {grace_s:.0f} s; sent SIGKILL")
+        stopped += len(pids)
+    return stopped
+
+
+def has_raylet(table: Mapping[int, procs.Proc], node: NodeProcess) -> bool:
+    """Whether the node's raylet runs (its other processes may outlive a killed raylet)."""
+    return any(table[p].comm == "raylet" for p in node_pids(table, node))
 
 
 def _bucket(comm: str) -> str:

@@ -20,6 +20,20 @@ from types import MappingProxyType
 RAY_SYSTEM_CONFIG: Mapping[str, int] = MappingProxyType(
     {"max_direct_call_object_size": 2 * 1024 * 1024})
 
+#: How soon the GCS of a local cluster (``edgemeta cluster up``: every node on this machine)
+#: declares a node dead: a SIGKILLed raylet refuses the check at once, so after about
+#: ``failure_threshold`` x ``period`` = 3 s (Ray's defaults: 12-16 s measured here, which left
+#: ``cluster status`` showing a dead site alive). The 2 s timeout only matters for a raylet that
+#: hangs; it tolerates a loaded host (checks answered in over 500 ms were seen at load 40 on 2
+#: cores). Only the local launcher's head applies it: across a WAN (``cluster.yaml``) a site
+#: may miss a few seconds of checks without being gone, so Ray's defaults stay there.
+LOCAL_HEALTH_CHECK_CONFIG: Mapping[str, int] = MappingProxyType({
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 2000,
+    "health_check_failure_threshold": 3,
+})
+
 #: Faster failure detection, for fault tests and the demo: with Ray's defaults the GCS declares
 #: a SIGKILLed raylet dead after ~15-18 s; with these, after ~2-3 s. Environment variables of
 #: every node: pass as ``cluster.local.up(..., env=...)``.

@@ -14,6 +14,7 @@ from experiments.config import ConfigError
 from experiments.entry import add_run_arguments, config_from_args
 from experiments.run_storage import STORAGE_ENV, where_line
 from experiments.stopping import exit_code
+from metalearn.data.errors import DataSetError
 from metalearn.storage import StorageError
 
 if TYPE_CHECKING:  # experiments.progress imports rich: only when a command runs
@@ -36,13 +37,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
-    from experiments.federated import train_federated
+    from experiments.federated import QUORUM_LOST_EXIT, QuorumLost, train_federated
 
     cfg = config_from_args(args)
     out = _console()
     out.echo(where_line(cfg))
-    return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address,
-                                     echo=out.echo, progress=out))
+    try:
+        return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address,
+                                         echo=out.echo, progress=out))
+    except QuorumLost as err:  # an outcome of the run, not a bug: one line, no traceback
+        print(f"edgemeta federated: {err}", file=sys.stderr)
+        return QUORUM_LOST_EXIT
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -132,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
                    num_replicas=args.replicas, address=args.address,
                    proxy_location=args.proxy_location, access_log=args.access_log,
-                   echo=out.echo)
+                   adapted_max_models=args.adapted_max_models,
+                   adapted_max_bytes=args.adapted_max_bytes, echo=out.echo)
     except StartError as err:
         print(f"edgemeta serve: could not start: {err}", file=sys.stderr)
         return 1
@@ -226,6 +232,24 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         res = " ".join([f"CPU={cpu:g}" if cpu else "", *(f"{k}={v:g}" for k, v in custom.items())])
         print(f"{row['name']:<14} {row['kind']:<5} {row['node_id'][:12]:<14} {alive:<6} "
               f"{row['processes']:>5}  {res.strip()}")
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_stop_site(args: argparse.Namespace) -> int:
+    from cluster.local import stop_site
+
+    stop_site(_cluster_state_dir(args), args.site, grace_s=args.grace)
+    return 0
+
+
+@_cluster_errors
+def cmd_cluster_restart_site(args: argparse.Namespace) -> int:
+    from cluster.local import restart_site
+
+    info = restart_site(_cluster_state_dir(args), args.site, grace_s=args.grace,
+                        timeout_s=args.timeout)
+    print(f"site {args.site} up as node {info.nodes[args.site].node_id[:12]}")
     return 0
 
 
@@ -323,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true",
                    help="Serve's per-request log line in each replica (off by default: it "
                         "cost 15-24%% of throughput here; HAProxy can log at the ingress)")
+    p.add_argument("--adapted-max-models", type=int, default=1000,
+                   help="adapted models kept per run folder (least recently used deleted)")
+    p.add_argument("--adapted-max-bytes", type=int, default=1 << 30,
+                   help="bytes of adapted models kept per run folder (default 1 GiB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tune", parents=[loud],
@@ -355,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = cluster_sub.add_parser("status", help="nodes, alive state and resources")
     c.add_argument("--state-dir", default=None, help=state_help)
     c.set_defaults(func=cmd_cluster_status)
+    c = cluster_sub.add_parser("stop-site", help="stop one site's node (and what a killed "
+                               "raylet left behind); restart-site brings it back")
+    c.add_argument("site")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.add_argument("--grace", type=float, default=10.0, help="seconds to wait before SIGKILL")
+    c.set_defaults(func=cmd_cluster_stop_site)
+    c = cluster_sub.add_parser("restart-site", help="stop what runs of a site, start it again "
+                               "(it joins as a new node; its actors come back on it)")
+    c.add_argument("site")
+    c.add_argument("--state-dir", default=None, help=state_help)
+    c.add_argument("--grace", type=float, default=10.0, help="seconds to wait before SIGKILL")
+    c.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the node to be alive")
+    c.set_defaults(func=cmd_cluster_restart_site)
     c = cluster_sub.add_parser("token", help="write a new auth token file for cluster.yaml")
     c.add_argument("path", nargs="?", default="~/.edgemeta/cloud_auth_token")
     c.set_defaults(func=cmd_cluster_token)
@@ -369,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         set_verbose(True)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, StorageError, ConnectionError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, DataSetError, ConnectionError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -31,11 +31,32 @@ from metalearn.storage import Location, is_uri
 from privacy.config import SecAggConfig, majority_threshold
 
 
-class DataConfig(Section):
-    """Which tasks: Omniglot N-way K-shot episodes, or sinusoid regression."""
+class SplitConfig(Section):
+    """Which classes of a class data set without a standard split are kept for meta-test."""
 
-    dataset: Literal["omniglot", "sinusoid"] = "omniglot"
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of the classes held out "
+                                 "for meta-test, drawn by seed")
+    seed: int = 0
+    test_classes: list[str] | None = Field(None, description="meta-test classes by name "
+                                           "(folder names); overrides test_fraction")
+
+
+class DataConfig(Section):
+    """Which tasks: a data set of the registry (:mod:`metalearn.data.registry`): Omniglot
+    N-way K-shot episodes, sinusoid regression, an image folder of the user's, or one that
+    a plug-in registered."""
+
+    dataset: str = Field("omniglot", description="omniglot, sinusoid, image_folder, or a "
+                         "registered data set")
     path: str | None = Field(None, description="omniglot.npz file or folder; default: search")
+    root: str | None = Field(None, description="image_folder: one sub-folder per class")
+    image_size: int | tuple[int, int] | None = Field(
+        None, description="image_folder: size images are resized to, an int or [height, "
+                          "width]; default 28")
+    channels: int | None = Field(None, description="image_folder: 1 (grey) or 3 (RGB); "
+                                 "default 1")
+    split: SplitConfig | None = Field(None, description="image_folder: meta-test classes; "
+                                      "default a seeded 20 %")
     ways: int = Field(5, ge=1)
     shots: int = Field(1, ge=1)
     queries: int = Field(15, ge=1)
@@ -43,17 +64,31 @@ class DataConfig(Section):
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="settings of a plugged-in data set")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.dataset == "omniglot" and self.shots + self.queries > 20:
-            raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the 20 "
-                             "drawings of an Omniglot character")
+        from metalearn.data.registry import get_source
+
+        get_source(self.dataset).check(self.model_dump(mode="json"))
         for name in ("amplitude", "phase", "x_range"):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"{name}: low {lo} is above high {hi}")
         return self
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One input's shape, from the data set: ``(channels, height, width)`` for images."""
+        from metalearn.data.registry import get_source
+
+        return get_source(self.dataset).input_shape(self.model_dump(mode="json"))
+
+    @property
+    def test_tasks(self) -> str:
+        """What meta-test episodes are made of, in words (sinusoid has no classes)."""
+        return ("sine tasks (new amplitudes and phases)" if self.dataset == "sinusoid"
+                else "held-out classes")
 
 
 class ModelConfig(Section):
@@ -359,17 +394,25 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
-        want = "sinusoid_mlp" if self.data.dataset == "sinusoid" else "omniglot_conv"
-        if self.model.name != want:
+        from metalearn.data.registry import get_source
+
+        source = get_source(self.data.dataset)
+        if self.model.name != source.model:
             raise ValueError(f"model {self.model.name!r} does not fit dataset "
-                             f"{self.data.dataset!r}; use {want!r}")
-        if self.data.dataset == "sinusoid" and self.algorithm.name == "protonet":
-            raise ValueError("protonet is a classifier; it cannot learn sinusoid regression")
-        if self.data.dataset == "sinusoid" and self.federated is not None:
+                             f"{self.data.dataset!r}; use {source.model!r}")
+        if source.task_type == "regression" and self.algorithm.name == "protonet":
+            raise ValueError(f"protonet is a classifier; it cannot learn {self.data.dataset} "
+                             "regression")
+        if self.model.name == "omniglot_conv" and self.model.pooling == "max":
+            _, height, width = self.data.input_shape()
+            if min(height, width) < 16:
+                raise ValueError(f"model.pooling max halves the image four times: "
+                                 f"data.image_size {height}x{width} is too small (16 at least)")
+        if self.data.dataset != "omniglot" and self.federated is not None:
             for key in ("stores", "test_store"):
                 if getattr(self.federated.data, key) is not None:
-                    raise ValueError(f"federated.data.{key}: sinusoid tasks have no examples "
-                                     "to store")
+                    raise ValueError(f"federated.data.{key}: site stores hold omniglot "
+                                     f"characters; {self.data.dataset} has no stores yet")
         return self
 
     @property

@@ -22,8 +22,11 @@ Decisions worth knowing:
   report (counts, never examples; :mod:`actors.cloud`); the driver opens no data file, no
   cloud task opens a store, and the final meta-test runs as a task on the ``cloud`` node.
 * **Quorum.** A round with fewer than ``federated.quorum`` arrived updates makes no outer step
-  (recorded as ``skipped``); after ``max_missed_rounds`` such rounds in a row the run fails
-  (after writing a checkpoint), since a federation that cannot reach quorum is not training.
+  (recorded as ``skipped``); after ``max_missed_rounds`` such rounds in a row the run stops
+  (after writing a checkpoint) with :class:`QuorumLost`, one line that names the settings to
+  change, since a federation that cannot reach quorum is not training. The count of missed
+  rounds is checkpointed with the quorum it was counted against: resumed with another
+  ``quorum``, the count starts again, so the same command with the setting changed goes on.
 * **Differential privacy** (``federated.privacy``, :mod:`experiments.dp`): sites clip (and
   with distributed noise add their share of the noise) before replying; the round's aggregate
   is then the noised sum over the expected number of units instead of the aggregation rule,
@@ -88,10 +91,35 @@ from experiments.site_jobs import (
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
 from metalearn.checkpoint import save_checkpoint
+from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
 from metalearn.storage import StorageError
+
+#: Exit status of a run stopped below quorum (2 is a configuration error, 128+N a signal).
+QUORUM_LOST_EXIT = 3
+
+
+class QuorumLost(RuntimeError):
+    """Too many rounds in a row below ``federated.quorum``; the message is the one line the
+    command prints (the cause, the settings to change, how to resume)."""
+
+
+def quorum_lost(fed: FederatedConfig, missed: int, round_idx: int,
+                outcome: RoundOutcome) -> QuorumLost:
+    arrived, called = outcome.count("ok"), len(outcome.sites)
+    why = "; ".join(f"{s['site']} {s['status']}" + (f" ({s['error'][:80]})" if s.get("error")
+                                                     else "")
+                    for s in outcome.sites if s["status"] != "ok")
+    hint = f"--set federated.quorum={arrived}" if arrived else "bring the sites back"
+    return QuorumLost(
+        f"stopped at round {round_idx}: {missed} rounds in a row below federated.quorum="
+        f"{fed.quorum} (last round: {arrived} of {called} updates arrived; {why or 'no sites'})."
+        f" Round {round_idx} is checkpointed: lower federated.quorum ({hint}), raise "
+        f"federated.max_missed_rounds={fed.max_missed_rounds} or federated.deadline_s="
+        f"{fed.deadline_s}, or fix the sites, then run the same command to resume")
+
 
 if TYPE_CHECKING:
     from experiments.progress import RunConsole
@@ -143,7 +171,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         personal = cloud.federation.personalize(cloud.outer.params, fed.personalize_episodes,
                                                 echo)
         cloud.federation.release()  # the sites' work is done: free them before the meta-test
-        echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
+        echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
         with (nullcontext() if progress is None
               else progress.bar("meta-test on the cloud node", None, "episodes")):
             result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.eval.episodes, topology)
@@ -190,6 +218,10 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
         if state is not None:
             cloud.restore(state, loop.step)
             log.truncate_to(loop.step, key="round")
+            if state.get("quorum") != fed.quorum and int(state["missed"]):
+                echo(f"federated.quorum is now {fed.quorum} (was {state.get('quorum')}): the "
+                     f"{int(state['missed'])} round(s) missed before round {loop.step} no "
+                     "longer count")
 
         def checkpoint() -> None:
             save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
@@ -198,6 +230,7 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
             if cloud.privacy is not None:
                 cloud.privacy.write(cfg.run_dir, loop.step)
 
+        last_trouble: list[str] = []
         for round_idx in loop.steps(save=checkpoint):
             t0 = time.perf_counter()
             row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed)
@@ -215,12 +248,15 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
             if on_row is not None:
                 on_row(row)
             trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
-            if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
+            # Trouble is news when it changes (a site goes down, comes back, turns late); a
+            # site down for an hour is one line, not one a round (the rows keep every round).
+            if (round_idx % cfg.train.log_every == 0 or round_idx == rounds
+                    or trouble != last_trouble):
                 echo(round_line(row, rounds, trouble))
+            last_trouble = trouble
             if cloud.missed >= fed.max_missed_rounds:
                 checkpoint()
-                raise RuntimeError(f"{cloud.missed} rounds in a row below quorum {fed.quorum}; "
-                                   f"last errors: {trouble}")
+                raise quorum_lost(fed, cloud.missed, round_idx, outcome)
     if cloud.privacy is not None and cloud.privacy.stops_early and loop.step == rounds:
         echo(f"privacy budget: stopped after round {rounds} of {cfg.train.steps} (epsilon "
              f"{cloud.privacy.epsilon(rounds):.3f}; one more round would exceed the target "
@@ -296,6 +332,7 @@ class Cloud:
     topology: Topology
     site_log: RowTable
     param_bytes: int
+    quorum: int = 1  # the quorum ``missed`` is counted against
     missed: int = 0
     privacy: dp.CloudPrivacy | None = None
     secagg: secagg.CloudSecAgg | None = None
@@ -312,7 +349,9 @@ class Cloud:
         try:
             shard = auto_shard(cfg, topology)
             plans = plan_partitions(cfg.to_dict()["data"], topology, cfg.seed,
-                                    fed.holdout_fraction, stores=site_stores(cfg, topology),
+                                    fed.holdout_fraction,
+                                    stores=(site_stores(cfg, topology)
+                                            if cfg.data.dataset == "omniglot" else None),
                                     shard=shard)
         except SitePlanError as err:
             raise ConfigError(str(err)) from None
@@ -326,19 +365,23 @@ class Cloud:
             site_jobs(cfg, topology, plans, devices, per_site, dim=outer.layout.numel),
             {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
         return cls(outer, fed.aggregator.build(), federation, topology,
-                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), privacy=privacy,
+                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), fed.quorum,
+                   privacy=privacy,
                    secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel))
 
     def state(self) -> dict[str, Any]:
         return {"outer": self.outer.state_dict(), "params": self.outer.params,
                 "aggregator": self.aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
-                "missed": self.missed, "sites": self.federation.sampler_states(),
+                "missed": self.missed, "quorum": self.quorum,
+                "sites": self.federation.sampler_states(),
                 **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def restore(self, state: Mapping[str, Any], round_idx: int) -> None:
         """The rest of a checkpoint (the loop restored the parameters and optimizer)."""
         self.aggregator.load_state_dict(state["aggregator"])
-        self.missed = int(state["missed"])
+        # Rounds missed against another quorum (or a checkpoint that did not say) do not
+        # count against this one.
+        self.missed = int(state["missed"]) if state.get("quorum") == self.quorum else 0
         if self.privacy is not None:
             self.privacy.load_state_dict(state.get("privacy"))
         elif "privacy" in state:
@@ -394,9 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         out.echo(where_line(cfg))
         summary = train_federated(cfg, resume=not args.fresh, address=args.address,
                                   echo=out.echo, progress=out)
-    except (ConfigError, FileNotFoundError, StorageError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, DataSetError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2
+    except QuorumLost as err:
+        print(f"edgemeta federated: {err}", file=sys.stderr)
+        return QUORUM_LOST_EXIT
     return exit_code(summary)
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from experiments.runlog import RunLog, headline
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.evaluation import evaluate, evaluate_by_steps
-from metalearn.from_config import algorithm_from_config, sampler_from_config
+from metalearn.from_config import algorithm_from_config, sampler_from_config, task_type
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
 from metalearn.storage import PathLike
@@ -43,7 +43,7 @@ def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
     data.update({k: v for k in ("ways", "shots", "queries")
                  if (v := getattr(cfg.eval, k)) is not None})
     sampler = sampler_from_config(data, "test", seed=cfg.eval.seed)
-    sinusoid = cfg.data.dataset == "sinusoid"
+    sinusoid = task_type(data) == "regression"
     total = episodes * (len(cfg.eval.steps_list) if sinusoid else 1)
     bar = (nullcontext(None) if progress is None
            else progress.bar("meta-test", total, "episodes"))
@@ -94,7 +94,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
                 "elapsed_s": loop.elapsed_s})
             log.flush()
 
-        shape = (f"{cfg.data.shots}-shot" if cfg.data.dataset == "sinusoid"
+        shape = (f"{cfg.data.shots}-shot" if task_type(config["data"]) == "regression"
                  else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
         echo(f"training {cfg.algorithm.name} on {cfg.data.dataset} ({shape}) "
              f"for {cfg.train.steps} steps -> {run_dir}")
@@ -106,7 +106,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
         return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
                 "train_time_s": round(loop.elapsed_s, 2)}
 
-    echo(f"meta-testing on {cfg.eval.episodes} episodes of held-out classes ...")
+    echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
     result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes, progress)
     summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),

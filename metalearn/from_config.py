@@ -15,20 +15,29 @@ from torch import nn
 
 from metalearn.algorithms import build_algorithm
 from metalearn.algorithms.base import MetaAlgorithm, TaskType
+from metalearn.data.registry import get_source
+from metalearn.data.source import TaskSampler
 from metalearn.models import build_model
 
 
 def task_type(data: Mapping[str, Any]) -> TaskType:
-    return "regression" if data["dataset"] == "sinusoid" else "classification"
+    return get_source(data).task_type
+
+
+def input_shape(data: Mapping[str, Any]) -> tuple[int, ...]:
+    """One input's shape, from the data set (``(channels, height, width)`` for images)."""
+    return get_source(data).input_shape(data)
 
 
 def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
-                    algorithm: Mapping[str, Any]) -> nn.Module:
+                      algorithm: Mapping[str, Any]) -> nn.Module:
     if model["name"] == "sinusoid_mlp":
         return build_model("sinusoid_mlp", hidden=model.get("hidden", 40))
+    channels, *size = input_shape(data)
     ways = 0 if algorithm["name"] == "protonet" else int(data["ways"])
     return build_model("omniglot_conv", ways=ways, channels=model.get("channels", 64),
-                       pooling=model.get("pooling", "stride"))
+                       pooling=model.get("pooling", "stride"), in_channels=channels,
+                       image_size=tuple(size))
 
 
 def algorithm_from_config(config: Mapping[str, Any]) -> MetaAlgorithm:
@@ -41,29 +50,15 @@ def algorithm_from_config(config: Mapping[str, Any]) -> MetaAlgorithm:
 
 
 def sampler_from_config(data: Mapping[str, Any], split: str = "train", seed: int = 0,
-                      characters: np.ndarray | None = None,
-                      amplitude: tuple[float, float] | None = None) -> Any:
-    """A task sampler with ``.sample(batch) -> TaskBatch``.
+                        characters: np.ndarray | None = None,
+                        amplitude: tuple[float, float] | None = None) -> TaskSampler:
+    """A task sampler with ``.sample(batch) -> TaskBatch``, from the data set that
+    ``data.dataset`` names (:mod:`metalearn.data.registry`).
 
-    ``split`` is ``train`` or ``test`` (the standard 1200 / 423 Omniglot characters).
-    ``characters`` restricts Omniglot to a subset (a site's partition); ``amplitude`` does the
-    same for a site's sinusoid range.
+    ``split`` is ``train`` or ``test`` (meta-training or meta-test classes: Omniglot's standard
+    1200 / 423 characters, an image folder's ``data.split``). ``characters`` restricts a class
+    source to a subset of classes (a site's partition); ``amplitude`` does the same for a
+    site's sinusoid range.
     """
-    if data["dataset"] == "sinusoid":
-        from metalearn.data.sinusoid import SinusoidTasks
-
-        return SinusoidTasks(amplitude=tuple(amplitude or data["amplitude"]),
-                             phase=tuple(data["phase"]), x_range=tuple(data["x_range"]),
-                             shots=data["shots"], queries=data["queries"], seed=seed)
-    from metalearn.data.episodes import OmniglotEpisodes
-    from metalearn.data.omniglot import load_omniglot, standard_split
-
-    omni = load_omniglot(data.get("path"))
-    if characters is None:
-        train, test = standard_split(omni)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        characters = train if split == "train" else test
-    return OmniglotEpisodes(omni, characters, ways=data["ways"], shots=data["shots"],
-                            queries=data["queries"], rotations=data.get("rotations", True),
-                            seed=seed)
+    part = characters if characters is not None else amplitude
+    return get_source(data).sampler(data, split, seed=seed, part=part)  # type: ignore[arg-type]

@@ -33,19 +33,27 @@ class OmniglotConvNet(nn.Module):
     ``pooling="stride"`` is the paper's Omniglot variant (stride-2 convolutions, no pooling);
     ``"max"`` is the max-pooling Conv-4 of ProtoNets. ``ways=0`` drops the head, so the network
     is an embedding (ProtoNet). The head is named ``head`` so that ANIL can adapt it alone.
+    ``in_channels`` and ``image_size`` (an int, or ``(height, width)``) are the data set's
+    (:meth:`metalearn.data.source.FewShotSource.input_shape`): 1×28×28 for Omniglot, any
+    size and 1 or 3 channels for an image folder; the head's width follows from them.
     """
 
     def __init__(self, ways: int = 5, channels: int = 64, pooling: Pooling = "stride",
-                 in_channels: int = 1, image_size: int = 28) -> None:
+                 in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
         super().__init__()
         if pooling not in ("stride", "max"):
             raise ValueError(f"pooling must be 'stride' or 'max', not {pooling!r}")
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if pooling == "max" and min(height, width) < 16:
+            raise ValueError(f"pooling 'max' halves the image four times: {height}x{width} "
+                             "inputs are too small (16x16 at least)")
         self.ways, self.pooling = ways, pooling
+        self.input_shape = (int(in_channels), int(height), int(width))
         self.features = nn.Sequential(
             *[_conv_block(in_channels if i == 0 else channels, channels, pooling) for i in range(4)]
         )
         with torch.no_grad():
-            flat = self.features(torch.zeros(2, in_channels, image_size, image_size)).flatten(1)
+            flat = self.features(torch.zeros(2, *self.input_shape)).flatten(1)
         self.embedding_dim = int(flat.shape[1])
         self.head = nn.Linear(self.embedding_dim, ways) if ways > 0 else nn.Identity()
 

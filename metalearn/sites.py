@@ -75,30 +75,24 @@ def plan_sites(data: Mapping[str, Any], sites: Sequence[str], seed: int,
                holdout_fraction: float = 0.2) -> dict[str, dict[str, Any]]:
     """Each site's share of the meta-training set, as plain ints, floats and strings.
 
-    Omniglot: whole alphabets of the 1200 meta-training characters per site
-    (:func:`~metalearn.data.partition.partition_by_alphabet`, non-IID), minus a held-out
-    ``holdout_fraction`` of the site's characters. Sinusoid: a contiguous amplitude sub-range
-    per site (:func:`~metalearn.data.partition.sinusoid_site_ranges`). The plan holds character
-    ids and ranges only, never examples; it is what the cloud sends to each edge actor.
+    The data set (:mod:`metalearn.data.registry`) partitions it: Omniglot gives whole
+    alphabets of the 1200 meta-training characters per site
+    (:func:`~metalearn.data.partition.partition_by_alphabet`, non-IID), an image folder a
+    seeded share of its whole classes, sinusoid a contiguous amplitude sub-range per site
+    (:func:`~metalearn.data.partition.sinusoid_site_ranges`). A class-based site then holds out
+    ``holdout_fraction`` of its classes. The plan holds class ids and ranges only, never
+    examples; it is what the cloud sends to each edge actor.
     """
-    from metalearn.data.partition import partition_by_alphabet, sinusoid_site_ranges
+    from metalearn.data.registry import get_source
 
-    if data["dataset"] == "sinusoid":
-        ranges = sinusoid_site_ranges(len(sites), tuple(data["amplitude"]), tuple(data["phase"]))
-        return {s: {"site": s, "amplitude": list(r["amplitude"])}
-                for s, r in zip(sites, ranges, strict=True)}
-
-    from metalearn.data.omniglot import load_omniglot, standard_split
-
-    omni = load_omniglot(data.get("path"))
-    train, _ = standard_split(omni)
-    parts = partition_by_alphabet(train, omni.char_alphabet, len(sites), seed)
-    plans = {}
-    for site, part in zip(sites, parts, strict=True):
+    source = get_source(data)
+    plans = source.partition_sites(data, sites, seed)
+    if not source.class_based:
+        return plans
+    for site, plan in plans.items():
+        part = np.asarray(plan["characters"], dtype=np.int64)
         chars, held = _holdout_split(site, part, holdout_fraction, int(data["ways"]), seed)
-        alphabets = sorted({str(omni.alphabet_names[a]) for a in omni.char_alphabet[part]})
-        plans[site] = {"site": site, "characters": chars.tolist(), "holdout": held.tolist(),
-                       "alphabets": alphabets}
+        plans[site] = {**plan, "characters": chars.tolist(), "holdout": held.tolist()}
     return plans
 
 
@@ -159,7 +153,9 @@ class SiteTasks:
         self.plan = dict(plan)
         self.devices = int(devices)
         self.seed = int(seed)
-        self.sinusoid = data["dataset"] == "sinusoid"
+        from metalearn.data.registry import get_source
+
+        self.sinusoid = not get_source(data).class_based  # sites hold ranges, not classes
         self._parts: list[np.ndarray] | None = None
 
     @property
@@ -169,15 +165,16 @@ class SiteTasks:
         return None if store is None else self.load().manifest  # type: ignore[union-attr]
 
     def load(self) -> Any:
-        """Load the site's data now (the store, checked against the planned content hash;
-        the source data set for a plan without a store; nothing for sinusoid)."""
+        """Load the site's data now: the store, checked against the planned content hash
+        (returned); the source data set for a plan without a store; nothing for sinusoid."""
         if self.sinusoid:
             return None
         store = self.plan.get("store")
         if store is None:
-            from metalearn.data.omniglot import load_omniglot
+            from metalearn.data.registry import get_source
 
-            return load_omniglot(self.data.get("path"))
+            get_source(self.data).prepare(self.data)  # the source itself (an image folder)
+            return None
         from metalearn.data.store import StoreError, load_store
 
         loaded = load_store(store)

@@ -7,8 +7,11 @@ raise :class:`ServeError` with the server's status and message.
 Retries. Every call of this API is safe to repeat (predict reads; ``/v1/adapt`` is
 content-addressed: the same support set gives the same model id), so the client retries, a
 few times, what a healthy server answers transiently: 503/429 from Serve's backpressure, after
-the ``Retry-After`` seconds it names, and a keep-alive connection that the ingress closed
-(an HAProxy reload does that), at once.
+the ``Retry-After`` seconds it names; a keep-alive connection that the ingress closed
+(an HAProxy reload does that) or reset, at once; and a 500/502/504 that the application did not
+write (no ``x-edgemeta-replica`` header: the proxy in front of it answered for a replica that
+died mid-request, which Serve then restarts), after a short pause. A 500 from the application
+itself carries that header and is not retried: repeating a bug does not fix it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,19 @@ import httpx
 import numpy as np
 
 RETRY_STATUSES = frozenset({429, 503})
+#: Answers of the proxy in front of the application, retried when the application wrote none.
+GATEWAY_STATUSES = frozenset({500, 502, 504})
+#: Set on every answer the application writes (serve.auth.Gate, serve.host.ModelHost).
+APP_HEADER = "x-edgemeta-replica"
+GATEWAY_RETRY_S = 0.5
+
+
+def transient(response: httpx.Response) -> bool:
+    """Whether an answer is worth the same request again: overload, or a proxy's error for a
+    replica that went away (the application's own errors carry :data:`APP_HEADER`)."""
+    status = response.status_code
+    return status in RETRY_STATUSES or (status in GATEWAY_STATUSES
+                                        and APP_HEADER not in response.headers)
 
 
 class ServeError(RuntimeError):
@@ -84,18 +100,21 @@ class EdgeMetaClient:
         return {f"{field}_b64": to_packed(x)} if self.packed else {field: to_inputs(x)}
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, retried on 503/429 (after ``Retry-After``) and on a closed connection."""
+        """One request, retried on 503/429 (after ``Retry-After``), on a closed or reset
+        connection, and on a proxy's 5xx (see the module's docstring)."""
         attempt = 0
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
                 if attempt >= self.retries:
                     raise
             else:
-                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+                if not transient(response) or attempt >= self.retries:
                     return response
-                self._sleep(min(retry_after_s(response.headers), self.max_retry_wait_s))
+                default = 1.0 if response.status_code in RETRY_STATUSES else GATEWAY_RETRY_S
+                self._sleep(min(retry_after_s(response.headers, default),
+                                self.max_retry_wait_s))
             attempt += 1
 
     def __enter__(self) -> EdgeMetaClient:

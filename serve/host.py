@@ -80,7 +80,7 @@ class ModelHost:
         self.settings = s = ServeSettings.model_validate(settings)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        self.store = ModelStore(s.run_dirs, cache_size=0)
+        self.store = ModelStore(s.run_dirs, cache_size=0, quota=s.adapted_quota())
         for run in self.store.runs.values():
             _ = run.algorithm  # build now: a broken config fails the deploy, not a request
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -49,6 +49,7 @@ from serve.schemas import (
     PredictRequest,
     PredictResponse,
     ServeSettings,
+    document_input_shapes,
 )
 from serve.store import ModelRef, ModelStore
 
@@ -97,9 +98,12 @@ class Ingress:
         import ray
 
         self.settings = s = ServeSettings.model_validate(settings)
-        self.store = ModelStore(s.run_dirs, poll_s=s.latest_poll_ms / 1e3, cache_size=0)
+        self.store = ModelStore(s.run_dirs, poll_s=s.latest_poll_ms / 1e3, cache_size=0,
+                                quota=s.adapted_quota())
         self.replicas = model_replicas
         self.local = ModelHost(settings, multiplexed=False) if model_replicas is None else None
+        shapes = {name: list(run.signature.input_shape) for name, run in self.store.runs.items()}
+        api.openapi_schema = document_input_shapes(api.openapi(), shapes)  # FastAPI's cache
         _gate.settings = GateSettings(
             load_token(s.token_file), s.max_body_bytes,
             {"x-edgemeta-node": ray.get_runtime_context().get_node_id(),

@@ -64,8 +64,15 @@ def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[s
     second loop thread cost a hop and GIL contention per request (+7 % throughput without
     it, measured here). With ``compute_in_thread: false``, torch blocks that one loop for a
     forward pass or an adaptation: set the variable to 1 for such a deployment.
+
+    ``serve.shutdown`` asks the controller to shut down, and the controller kills itself while
+    that call (retried forever) is in flight, so every clean stop printed "Task
+    ServeController.graceful_shutdown failed. There are infinite retries remaining ...":
+    ``RAY_enable_output_error_log_if_still_retry=0`` keeps such still-retried failures off the
+    console (a call that finally fails is still reported, by its exception).
     """
     env = {"RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_enable_output_error_log_if_still_retry": "0",
            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":
                os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")}
     if ingress == "proxy":
@@ -184,6 +191,8 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            if workdir is not None:  # HAProxy's config and sockets of a start that failed
+                shutil.rmtree(workdir, ignore_errors=True)
         raise
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return Served(f"http://{shown}:{port}", chosen, list(apps), owns_ray, workdir, saved)

@@ -1,7 +1,8 @@
 """What a run's model takes and gives: request inputs to tensors, tensors to answers.
 
 The request schema (:mod:`serve.schemas`) can only check that inputs are finite numbers; their
-shape depends on the model asked (28×28 images or sinusoid scalars), so it is checked here,
+shape depends on the model asked (the data set's ``(channels, height, width)`` images, such as
+Omniglot's 1×28×28 or an image folder's 3×64×64, or sinusoid scalars), so it is checked here,
 against the run's config, and so are packed inputs (``*_b64``: base64 float32), which are
 decoded here. Both spellings end in the same tensor and the same checks (count limit, finite
 values). Everything here is cheap and model-free, so the ingress does it before any model
@@ -21,9 +22,8 @@ import torch
 from torch import Tensor
 
 from metalearn.algorithms.base import TaskType
+from metalearn.data.registry import get_source
 from serve.errors import BadInput, TooLarge
-
-IMAGE_SIZE = 28
 
 
 def _finite(x: Tensor, what: str) -> Tensor:
@@ -33,27 +33,47 @@ def _finite(x: Tensor, what: str) -> Tensor:
     return x
 
 
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """How an error message and the API document name one input of ``shape``."""
+    if len(shape) == 1:
+        return "one number" if shape[0] == 1 else f"{shape[0]} numbers"
+    channels, height, width = shape
+    image = f"{height}x{width} image"
+    if channels == 1:
+        return f"a {image} ({height} rows of {width} numbers, or 1 channel of them)"
+    return f"a {channels}-channel {image} ({channels} channels of {height} rows of {width} numbers)"
+
+
 @dataclass(frozen=True)
 class ModelSignature:
     """The inputs a run's models take and the outputs they give, read from its ``config.yaml``.
 
-    ``ways`` is the number of classes the model's head outputs; ``None`` for an embedding
-    (ProtoNet), whose classes are those of the support set.
+    ``input_shape`` is one input's shape, from the data set (``(channels, height, width)``
+    for images, ``(1,)`` for sinusoid x values); ``ways`` is the number of classes the model's
+    head outputs, ``None`` for an embedding (ProtoNet), whose classes are those of the support
+    set.
     """
 
     task_type: TaskType
     dataset: str
     algorithm: str
     ways: int | None
+    input_shape: tuple[int, ...] = (1, 28, 28)
     max_ways: int = 64
 
     @staticmethod
     def from_config(config: dict[str, Any]) -> ModelSignature:
         data, alg = config["data"], config["algorithm"]
-        regression = data["dataset"] == "sinusoid"
+        source = get_source(data)
+        regression = source.task_type == "regression"
         ways = None if regression or alg["name"] == "protonet" else int(data["ways"])
-        return ModelSignature("regression" if regression else "classification",
-                              data["dataset"], alg["name"], ways)
+        return ModelSignature(source.task_type, data["dataset"], alg["name"], ways,
+                              tuple(source.input_shape(data)))
+
+    @property
+    def per_input(self) -> int:
+        """Numbers in one input."""
+        return int(np.prod(self.input_shape))
 
     def read(self, raw: Sequence[Any] | None, packed: str | None, limit: int,
              what: str = "inputs") -> Tensor:
@@ -69,20 +89,23 @@ class ModelSignature:
             data = base64.b64decode(packed, validate=True)
         except (binascii.Error, ValueError) as err:
             raise BadInput(f"{what}_b64: not valid base64 ({err})") from None
-        per = 1 if self.dataset == "sinusoid" else IMAGE_SIZE * IMAGE_SIZE
+        per = self.per_input
         if len(data) % (4 * per):
-            shape = "one value" if per == 1 else f"{IMAGE_SIZE}x{IMAGE_SIZE} values"
-            raise BadInput(f"{what}_b64: {len(data)} bytes are not whole inputs of {shape} "
+            dims = self.input_shape[1:] if self.input_shape[0] == 1 else self.input_shape
+            values = "x".join(str(d) for d in dims) + " values" if dims else "one value"
+            raise BadInput(f"{what}_b64: {len(data)} bytes are not whole inputs of {values} "
                            f"({4 * per} bytes each, little-endian float32)")
         n = len(data) // (4 * per)
         if n > limit:
             raise TooLarge(f"{what}_b64: {n} inputs exceed this server's limit of {limit}")
         values = np.frombuffer(data, dtype="<f4").astype(np.float32)  # own, writable, native
-        shape = (n, 1) if per == 1 else (n, 1, IMAGE_SIZE, IMAGE_SIZE)
-        return _finite(torch.from_numpy(values.reshape(shape)), what)
+        return _finite(torch.from_numpy(values.reshape(n, *self.input_shape)), what)
 
     def inputs(self, raw: Sequence[Any], limit: int, what: str = "inputs") -> Tensor:
-        """A float32 batch in the layout training used: ``[N, 1, 28, 28]`` or ``[N, 1]``."""
+        """A float32 batch in the layout training used: ``[N, C, H, W]`` or ``[N, 1]``.
+
+        A one-channel image may leave out its channel axis (``H`` rows of ``W`` numbers), and
+        a scalar input may be a bare number."""
         if len(raw) > limit:
             raise TooLarge(f"{what}: {len(raw)} inputs exceed this server's limit of {limit}")
         if not raw:
@@ -92,18 +115,12 @@ class ModelSignature:
                 x = torch.from_numpy(np.array(raw, dtype=np.float32))
         except (ValueError, TypeError) as err:
             raise BadInput(f"{what}: inputs must all have the same shape ({err})") from None
-        if self.dataset == "sinusoid":
-            if x.dim() == 1:
-                x = x.unsqueeze(-1)
-            if x.dim() != 2 or x.shape[1] != 1:
-                raise BadInput(f"{what}: each input must be one number (a sinusoid x value) "
-                               f"or a one-element list; got shape {list(x.shape[1:])} per input")
-        else:
-            if x.dim() != 3 or tuple(x.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-                raise BadInput(f"{what}: each input must be a {IMAGE_SIZE}x{IMAGE_SIZE} image "
-                               f"({IMAGE_SIZE} rows of {IMAGE_SIZE} numbers); got shape "
-                               f"{list(x.shape[1:])} per input")
-            x = x.unsqueeze(1)
+        shape = self.input_shape
+        if shape[0] == 1 and tuple(x.shape[1:]) == shape[1:]:
+            x = x.unsqueeze(1)  # no channel axis (images), or bare numbers (scalars)
+        if tuple(x.shape[1:]) != shape:
+            raise BadInput(f"{what}: each input must be {describe_shape(shape)}; got shape "
+                           f"{list(x.shape[1:])} per input")
         return _finite(x, what)
 
     def targets(self, raw: Sequence[Any], n: int) -> Tensor:

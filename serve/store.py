@@ -15,6 +15,9 @@ Ids (``RUN`` is a run folder's name; the first run folder served is the default 
 * ``RUN@ad-HEX`` / ``ad-HEX`` — a model made by ``/v1/adapt``, stored in ``adapted/ad-HEX.pt``
   so that any replica can load it. ``HEX`` hashes the base parameters, the support set and the
   number of steps: the same request always names the same model, and a repeat costs no inner loop.
+  The adapted models of a run folder are bounded (:mod:`serve.quota`: count, bytes, optional
+  TTL; least recently used evicted first), so an evicted ``ad-HEX`` is unknown until the same
+  request makes it again.
 
 :meth:`ModelStore.resolve` turns any of these into a :class:`ModelRef`, whose ``id``
 (``RUN@STEP``, ``RUN@site-NAME``, ``RUN@ad-HEX``) is canonical: one spelling per model, and one
@@ -32,7 +35,9 @@ every ``poll_s``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import threading
 import time
@@ -57,6 +62,7 @@ from metalearn.params import Params
 from metalearn.storage import Location, PathLike, location
 from serve.adapted import ADAPTED_FORMAT, adapted_key, fingerprint, replace_atomically
 from serve.errors import UnknownModel
+from serve.quota import Entry, StoreQuota, Usage, evictions
 from serve.signature import ModelSignature
 
 ADAPTED_DIR = "adapted"
@@ -132,8 +138,9 @@ class RunStore:
     """One run folder: its config, algorithm, checkpoints, site models and adapted models."""
 
     def __init__(self, run_dir: PathLike, poll_s: float = 0.2,
-                 algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None
-                 ) -> None:
+                 algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None,
+                 quota: StoreQuota | None = None) -> None:
+        self.quota = quota
         self.run_dir = location(run_dir).resolve()
         try:
             config_text = (self.run_dir / "config.yaml").read_text()
@@ -226,6 +233,8 @@ class RunStore:
     def load(self, ref: ModelRef) -> LoadedModel:
         """Read a model's parameters from disk (no caching here: callers cache)."""
         params = _read_params(ref.path)
+        if ref.kind == "adapted":
+            self.touch(ref)
         algorithm = self.algorithm
         return LoadedModel(ref, params, algorithm, self.signature,
                            batch_independent(algorithm.model), fingerprint(params))
@@ -238,9 +247,43 @@ class RunStore:
                                                           for k, v in params.items()},
                     "base": base.id, "steps": steps, "support_size": support_size,
                     "created_s": time.time()}, buf)
-        ref = self.at(key)
-        replace_atomically(ref.path, buf.getvalue())
+        ref, data = self.at(key), buf.getvalue()
+        self.enforce_quota(Entry(key, len(data), time.time()))  # room first: never over
+        replace_atomically(ref.path, data)
         return ref
+
+    # ------------------------------------------------------------ the adapted models' quota
+
+    def touch(self, ref: ModelRef) -> None:
+        """Mark an adapted model used now: its modification time is its last use (LRU)."""
+        if not ref.path.is_local:
+            return  # objects keep their write time: in an object store, least recently made
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: params are in hand
+            os.utime(ref.path.path)
+
+    def adapted_entries(self) -> list[Entry]:
+        """The adapted models stored now (not the per-site models, which the driver owns)."""
+        try:
+            files = self.adapted_dir.files()
+        except FileNotFoundError:  # a file evicted by another replica while listed
+            files = self.adapted_dir.files()
+        return [Entry(m.group(1), f.size, f.mtime) for f in files
+                if (m := _ADAPTED_FILE.match(f.name)) is not None]
+
+    def enforce_quota(self, incoming: Entry | None = None) -> Usage:
+        """Delete what :func:`serve.quota.evictions` picks, counting ``incoming`` (a model about
+        to be written, which is kept) as stored; what is left, ``incoming`` included."""
+        entries = [e for e in self.adapted_entries() if incoming is None or e.key != incoming.key]
+        if incoming is not None:
+            entries.append(incoming)
+        if self.quota is None:
+            return Usage(len(entries), sum(e.bytes for e in entries))
+        keep = () if incoming is None else (incoming.key,)
+        gone = set(evictions(entries, self.quota, time.time(), keep))
+        for key in gone:
+            self.at(key).path.unlink(missing_ok=True)
+        left = [e for e in entries if e.key not in gone]
+        return Usage(len(left), sum(e.bytes for e in left))
 
     def listing(self, limit: int) -> dict[str, Any]:
         latest = self.latest()
@@ -259,7 +302,9 @@ class RunStore:
         sig = self.signature
         run = {"run": self.name, "algorithm": sig.algorithm, "dataset": sig.dataset,
                "task_type": sig.task_type, "ways": sig.ways,
-               "latest": None if latest is None else f"{self.name}@{latest}"}
+               "input_shape": list(sig.input_shape),
+               "latest": None if latest is None else f"{self.name}@{latest}",
+               "adapted_models": len(adapted), "adapted_bytes": sum(a["bytes"] for a in adapted)}
         return {"run": run, "meta_models": metas,
                 "site_models": sorted(sites, key=lambda s: s["id"]),
                 "adapted_models": adapted[:limit], "adapted_total": len(adapted)}
@@ -314,13 +359,14 @@ class ModelStore:
     """
 
     def __init__(self, run_dirs: Sequence[PathLike], poll_s: float = 0.2, cache_size: int = 0,
-                 algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None
-                 ) -> None:
+                 algorithm_factory: Callable[[dict[str, Any]], MetaAlgorithm] | None = None,
+                 quota: StoreQuota | None = None) -> None:
         if not run_dirs:
             raise ValueError("serve at least one run folder")
+        self.quota = quota
         self.runs: dict[str, RunStore] = {}
         for d in run_dirs:
-            run = RunStore(d, poll_s, algorithm_factory)
+            run = RunStore(d, poll_s, algorithm_factory, quota)
             if run.name in self.runs:
                 raise ValueError(f"two run folders are named {run.name!r}; names must differ")
             self.runs[run.name] = run
@@ -381,7 +427,13 @@ class ModelStore:
         run = self.run_of(base.ref)
         existing = run.at(key)
         if existing.path.is_file():
-            return AdaptResult(existing, _read_params(existing.path), n_steps, False, 0.0)
+            try:
+                params = _read_params(existing.path)
+            except UnknownModel:
+                pass  # evicted between the check and the read: adapt again, under the same id
+            else:
+                run.touch(existing)
+                return AdaptResult(existing, params, n_steps, False, 0.0)
         t0 = time.perf_counter()
         with torch.enable_grad():
             adapted = algorithm.adapt(base.params, support_x, support_y, steps=n_steps)
@@ -392,7 +444,9 @@ class ModelStore:
 
     def listing(self, limit: int = 200) -> dict[str, Any]:
         out: dict[str, Any] = {"runs": [], "meta_models": [], "site_models": [],
-                               "adapted_models": [], "adapted_total": 0}
+                               "adapted_models": [], "adapted_total": 0,
+                               "adapted_quota": None if self.quota is None
+                               else self.quota.describe()}
         for run in self.runs.values():
             part = run.listing(limit)
             out["runs"].append(part["run"])

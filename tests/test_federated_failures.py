@@ -36,14 +36,14 @@ def cluster():
 
 
 def config(tmp_path: Path, name: str, rounds: int = 3, delays: dict[str, float] | None = None,
-           **federated: Any) -> ExperimentConfig:
+           log_every: int = 1, **federated: Any) -> ExperimentConfig:
     sites = [{"name": s, "delay_s": (delays or {}).get(s, 0.0)} for s in SITES]
     return parse_config({
         "name": name, "seed": 5, "output_dir": str(tmp_path),
         "data": {"dataset": "sinusoid", "shots": 5, "queries": 10},
         "model": {"name": "sinusoid_mlp", "hidden": 20},
         "algorithm": {"name": "maml", "inner_lr": 0.01, "options": {"strategy": "vmap"}},
-        "train": {"meta_batch": 6, "steps": rounds, "outer_lr": 1e-2, "log_every": 1,
+        "train": {"meta_batch": 6, "steps": rounds, "outer_lr": 1e-2, "log_every": log_every,
                   "checkpoint_every": 100},
         "eval": {"episodes": 10, "steps_list": [0, 1], "batch": 10},
         "federated": {"topology": {"sites": sites}, "personalize_episodes": 0, **federated},
@@ -56,25 +56,54 @@ def tables(cfg: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_a_site_that_raises_is_reported_and_the_rounds_go_on(cluster, tmp_path: Path) -> None:
-    cfg = config(tmp_path, "fails", rounds=2, fail_sites=["site-1"], quorum=2)
-    summary = train_federated(cfg, echo=lambda _: None)
+    cfg = config(tmp_path, "fails", rounds=3, fail_sites=["site-1"], quorum=2, log_every=10)
+    lines: list[str] = []
+    summary = train_federated(cfg, echo=lines.append)
     rounds, sites = tables(cfg)
-    assert rounds["failed"].tolist() == [1, 1] and rounds["arrived"].tolist() == [2, 2]
+    assert rounds["failed"].tolist() == [1, 1, 1] and rounds["arrived"].tolist() == [2, 2, 2]
     assert not rounds["skipped"].any()
     bad = sites[sites["site"] == "site-1"]
     assert set(bad["status"]) == {"failed"}
     assert bad["error"].str.contains("RuntimeError: injected failure at site-1").all()
-    assert summary["federated"]["failed"] == {"site-1": 2}
+    assert summary["federated"]["failed"] == {"site-1": 3}
+    # the same trouble every round is printed when it starts (and at the last round), once
+    printed = [line.split()[1] for line in lines if line.startswith("round ")]
+    assert printed == ["1/3", "3/3"], lines
+    assert "[site-1 failed]" in next(line for line in lines if line.startswith("round 1/3"))
 
 
-def test_below_quorum_rounds_are_skipped_then_the_run_fails(cluster, tmp_path: Path) -> None:
+def test_below_quorum_the_run_stops_with_one_line_and_resumes_with_another_quorum(
+        cluster, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two of three sites fail every round: with quorum 2 the command stops after
+    ``max_missed_rounds`` with one line naming the setting (no traceback), and the same command
+    with a lower quorum resumes from that round and finishes."""
+    import yaml
+
+    from experiments.federated import QUORUM_LOST_EXIT, main
+
     cfg = config(tmp_path, "no-quorum", rounds=5, fail_sites=["site-0", "site-1"], quorum=2,
                  max_missed_rounds=2)
-    with pytest.raises(RuntimeError, match="2 rounds in a row below quorum 2"):
-        train_federated(cfg, echo=lambda _: None)
+    config_file = tmp_path / "no-quorum.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main([str(config_file)]) == QUORUM_LOST_EXIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "2 rounds in a row below federated.quorum=2" in err[0]
+    assert "1 of 3 updates arrived" in err[0] and "--set federated.quorum=1" in err[0]
+    assert "site-0 failed (RuntimeError: injected failure at site-0" in err[0]
     rounds, _ = tables(cfg)
     assert rounds["skipped"].tolist() == [True, True]
     assert load_checkpoint(cfg.run_dir)["step"] == 2
+
+    # (stop after round 4, to skip the final meta-test: the point is that rounds go on)
+    assert main([str(config_file), "--set", "federated.quorum=1",
+                 "--set", "federated.stop_after_rounds=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "the 2 round(s) missed before round 2 no longer count" in out
+    rounds, _ = tables(cfg)
+    assert rounds["round"].tolist() == [1, 2, 3, 4]
+    assert rounds["skipped"].tolist() == [True, True, False, False]
+    assert load_checkpoint(cfg.run_dir)["step"] == 4
 
 
 def test_a_slow_site_is_late_and_its_update_never_applied(cluster, tmp_path: Path) -> None:

@@ -1,21 +1,29 @@
 """Bad input, auth and overload over real HTTP: each a clear 4xx/503, and the replica lives on.
 
-One Serve instance, two apps: ``/`` (small limits) and ``/secure`` (bearer token; one request in
-flight and one queued, for the overload test). After every bad request a good one is answered by the
-same replica (same ``x-edgemeta-replica``): nothing crashed or restarted it.
+One Serve instance, two apps: ``/`` (small limits, a small adapted-model quota) and ``/secure``
+(bearer token; one request in flight and one queued, for the overload test). After every bad
+request a good one is answered by the same replica (same ``x-edgemeta-replica``): nothing crashed
+or restarted it. Then a flood of ``/v1/adapt`` against the quota, and requests generated from the
+OpenAPI document (schemathesis).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -23,6 +31,8 @@ from serve.auth import load_token, token_matches
 
 PORT = 8141
 TOKEN = "s3cret-token-for-tests"
+QUOTA_MODELS = 12  # and room for QUOTA_FILES models of bytes: the byte bound binds first
+QUOTA_FILES = 6
 
 
 def _train(out: Path) -> Path:
@@ -39,16 +49,40 @@ def _train(out: Path) -> Path:
     return out / "omni"
 
 
+def _adapted_file_bytes(run: Path) -> int:
+    """The size of one adapted model of ``run``, as the store writes it."""
+    from serve.store import ModelStore
+
+    store = ModelStore([run], poll_s=0.0, cache_size=1)
+    x = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
+    ref = store.adapt(store.get("latest"), x, torch.arange(5), steps=1).ref
+    size = ref.path.stat().st_size
+    ref.path.unlink()
+    return size
+
+
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def quota_bytes(run_dir: Path) -> int:
+    return QUOTA_FILES * _adapted_file_bytes(run_dir) + 100
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, run_dir: Path,
+        quota_bytes: int) -> Iterator[str]:
     from serve.launch import start
 
-    run = str(_train(tmp_path_factory.mktemp("runs")))
+    run = str(run_dir)
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
     common = {"run_dirs": [run], "num_cpus": 0}
     served = start({**common, "max_inputs": 8, "max_support": 25, "max_adapt_steps": 10,
-                    "max_body_bytes": 256 * 1024},
+                    "max_body_bytes": 256 * 1024, "adapted_max_models": QUOTA_MODELS,
+                    "adapted_max_bytes": quota_bytes},
                    port=PORT, num_cpus=2,
                    extra_apps={"secure": ("/secure", {**common, "token_file": str(token_file),
                                                       "max_ongoing_requests": 1,
@@ -242,3 +276,164 @@ def test_the_python_client_waits_out_an_overload(url: str) -> None:
             f.result().text[:200] for f in busy]
     assert len(answer["labels"]) == 1
     assert waits and set(waits) == {2.0}, waits  # the server's Retry-After, each time
+
+
+def _stored(folder: Path) -> tuple[int, int]:
+    """Adapted models in ``folder``, and their bytes (writes in progress included)."""
+    count = size = 0
+    for entry in os.scandir(folder) if folder.is_dir() else ():
+        if entry.name.startswith(("ad-", ".ad-")):
+            try:
+                size += entry.stat().st_size
+            except FileNotFoundError:
+                continue
+            count += entry.name.startswith("ad-")
+    return count, size
+
+
+def test_an_adapt_flood_stays_within_the_quota(url: str, run_dir: Path,
+                                               quota_bytes: int) -> None:
+    """8 clients, each adapting 12 distinct support sets as fast as answers come back: every
+    request succeeds, and the adapted models on disk never exceed the quota."""
+    from serve.client import EdgeMetaClient
+
+    clients, per_client = 8, 12
+    peak = [0, 0]
+    done = threading.Event()
+
+    def watch() -> None:  # the folder as seen from outside the server, every few ms
+        while not done.is_set():
+            count, size = _stored(run_dir / "adapted")
+            peak[0], peak[1] = max(peak[0], count), max(peak[1], size)
+            time.sleep(0.003)
+
+    def flood(client_idx: int) -> list[str]:
+        ids = []
+        with EdgeMetaClient(url, timeout=60) as client:
+            for i in range(per_client):
+                x = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(
+                    100 * client_idx + i))
+                reply = client.adapt(x, list(range(5)), steps=1, query_inputs=x[:1])
+                assert reply["created"] and len(reply["predictions"]["labels"]) == 1
+                ids.append(reply["model_id"])
+        return ids
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            ids = [i for part in pool.map(flood, range(clients)) for i in part]
+    finally:
+        done.set()
+        watcher.join()
+    print(f"\n{len(ids)} adaptations in {time.monotonic() - t0:.1f} s; peak on disk: "
+          f"{peak[0]} models, {peak[1]} bytes (quota {QUOTA_MODELS} models, {quota_bytes} bytes)")
+    assert len(set(ids)) == clients * per_client  # all succeeded, each a new model
+    assert 0 < peak[1] <= quota_bytes and peak[0] <= QUOTA_FILES
+
+    listing = httpx.get(f"{url}/v1/models", timeout=30).json()
+    assert listing["adapted_quota"] == {"max_models": QUOTA_MODELS, "max_bytes": quota_bytes,
+                                        "ttl_s": None}
+    run = listing["runs"][0]
+    assert 0 < run["adapted_models"] <= QUOTA_FILES and run["adapted_bytes"] <= quota_bytes
+    kept = [m["id"] for m in listing["adapted_models"]]  # most recently used first
+    assert set(kept) <= set(ids) and len(kept) == run["adapted_models"]
+    one = [[[0.5] * 28] * 28]
+    assert httpx.post(f"{url}/v1/models/{kept[0]}/predict", json={"inputs": one},
+                      timeout=30).status_code == 200
+    evicted = next(i for i in ids if i not in kept)
+    r = httpx.post(f"{url}/v1/models/{evicted}/predict", json={"inputs": one}, timeout=30)
+    assert r.status_code == 404 and "no adapted model" in r.json()["detail"]
+
+
+def test_the_schema_states_what_the_server_refuses(url: str) -> None:
+    """Bodies the server refuses for their form are invalid in its own OpenAPI document: both
+    input forms, neither, no label, a packed string of no whole float32."""
+    doc = httpx.get(f"{url}/openapi.json", timeout=30).json()
+
+    def valid(name: str, body: dict[str, object]) -> bool:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+    packed = _packed(1)
+    assert valid("PredictRequest", {"inputs": [0.5]})
+    assert valid("PredictRequest", {"inputs_b64": packed})
+    assert valid("PredictRequest", {"inputs": [0.5], "inputs_b64": None})
+    assert not valid("PredictRequest", {"inputs": [0.5], "inputs_b64": packed})
+    assert not valid("PredictRequest", {})
+    assert not valid("PredictRequest", {"inputs_b64": "AAAA"})  # 3 bytes: no whole float32
+    assert not valid("PredictRequest", {"inputs_b64": "not*base64"})
+    assert valid("AdaptRequest", {"support_inputs": [0.5], "support_labels": [1.0]})
+    assert not valid("AdaptRequest", {"support_inputs": [0.5], "support_labels": []})
+    assert not valid("AdaptRequest", {"support_inputs": [0.5], "support_inputs_b64": packed,
+                                      "support_labels": [1.0]})
+    assert not valid("AdaptRequest", {"support_inputs": [0.5], "support_labels": [1.0],
+                                      "query_inputs": [0.5], "query_inputs_b64": packed})
+    for body in ({"inputs": [0.5], "inputs_b64": packed}, {"inputs_b64": "AAAA"}, {}):
+        assert httpx.post(f"{url}{PREDICT}", json=body, timeout=30).status_code == 422
+
+
+def test_generated_requests_get_no_server_error(url: str, tmp_path: Path) -> None:
+    """schemathesis, from the served OpenAPI document: a bounded, seeded set of valid and
+    invalid requests per operation, with every check but "schema-valid data is accepted",
+    which a schema cannot promise here (input shapes, label counts and packed sizes depend on
+    the model asked)."""
+    exe = Path(sys.executable).with_name("schemathesis")
+    cmd = [str(exe), "run", f"{url}/openapi.json", "--max-examples", "30", "--seed", "17",
+           "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--no-color"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    summary = proc.stdout.split("SUMMARY")[-1]
+    print(summary)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert " passed" in summary and "failed" not in summary
+
+
+def test_a_replica_killed_under_load_costs_the_client_no_error(url: str) -> None:
+    """Four clients predict without pause while the replica of ``/`` is SIGKILLed: Serve
+    starts another, and the project's client (default retries) sees no error. Last in the
+    module: it replaces the replica the tests above compare against."""
+    import signal
+
+    from cluster import procs
+    from serve.client import EdgeMetaClient
+
+    before = httpx.get(f"{url}/healthz", timeout=30).json()["replica"]
+    table = procs.process_table()
+    mine = procs.descendants(table, [os.getpid()])  # this test's Ray, not another's
+    victims = [p for p in mine if table[p].cmdline.startswith("ray::ServeReplica:edgemeta:")]
+    assert len(victims) == 1, [table[p].cmdline[:80] for p in victims]
+    stop, answers, errors = threading.Event(), [0], []
+
+    def predict_forever(i: int) -> None:
+        with EdgeMetaClient(url, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    client.predict("latest", torch.full((1, 28, 28), 0.1 * i))
+                    answers[0] += 1
+                except Exception as err:  # what a caller would see
+                    errors.append(f"{type(err).__name__}: {err}"[:300])
+
+    clients = [threading.Thread(target=predict_forever, args=(i,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(1.0)
+        os.kill(victims[0], signal.SIGKILL)
+        t0, after = time.monotonic(), before
+        while after == before and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+            try:
+                r = httpx.get(f"{url}/healthz", timeout=30)
+            except httpx.HTTPError:
+                continue  # no replica behind the proxy yet
+            after = r.json()["replica"] if r.status_code == 200 else before
+        time.sleep(1.0)  # and a little under the new replica
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    print(f"\nreplica {before} -> {after} in {time.monotonic() - t0:.1f} s; "
+          f"{answers[0]} answers, {len(errors)} errors")
+    assert after != before and answers[0] > 0
+    assert errors == []

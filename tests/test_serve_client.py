@@ -80,6 +80,36 @@ def test_client_errors_and_retries_zero_are_not_retried() -> None:
         client(transport, [], retries=0).health()
 
 
+def test_a_proxys_5xx_is_retried_but_not_the_applications_own() -> None:
+    """A 500/502/504 without the application's where-served header came from the proxy (a
+    replica died mid-request): retried after a short pause. The application's own 500 carries
+    the header and is returned at once."""
+    from serve.client import GATEWAY_RETRY_S
+
+    transport, seen = scripted(status(500), status(502), status(504), status(200))
+    waits: list[float] = []
+    assert client(transport, waits).predict("latest", [[0.0]]) == OK
+    assert waits == [GATEWAY_RETRY_S] * 3 and len(seen) == 4
+
+    def app_500(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"detail": "internal error: KeyError"},
+                              headers={"x-edgemeta-replica": "abc"})
+
+    transport, seen = scripted(app_500, status(200))
+    with pytest.raises(ServeError) as err:
+        client(transport, []).predict("latest", [[0.0]])
+    assert err.value.status == 500 and len(seen) == 1
+
+
+def reset(request: httpx.Request) -> httpx.Response:
+    raise httpx.ReadError("Connection reset by peer", request=request)
+
+
+def test_a_connection_reset_mid_answer_is_retried() -> None:
+    transport, seen = scripted(reset, status(200))
+    assert client(transport, []).predict("latest", [[0.0]]) == OK and len(seen) == 2
+
+
 @pytest.mark.parametrize(("value", "seconds"), [
     ("2", 2.0), ("0.5", 0.5), ("-3", 0.0), (None, 1.0),
     ("Wed, 21 Oct 2026 07:28:00 GMT", 1.0),  # the HTTP-date form: the default

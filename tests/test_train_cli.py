@@ -134,6 +134,39 @@ def test_sigterm_stops_after_a_step_and_the_run_resumes_to_the_same_result(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_killed_run_resumes_from_its_last_checkpoint_bit_for_bit(tmp_path: Path) -> None:
+    """SIGKILL (no handler runs, no last checkpoint): the run loses only the steps after its
+    last checkpoint, which is whole, and the same command ends exactly where an uninterrupted
+    run ends, with one metrics row per step."""
+    train = {**SINUSOID["train"], "steps": 10**6, "log_every": 1, "checkpoint_every": 5}
+    config = _write(tmp_path, "killed", {**SINUSOID, "train": train})
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "train", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until it is past a few checkpoints
+        if line.startswith("step 17/"):
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    run = tmp_path / "runs" / "killed"
+    killed_at = latest_step(run)
+    assert killed_at >= 15 and killed_at % 5 == 0
+    assert load_checkpoint(run)["step"] == killed_at  # readable: never half-written
+
+    end = killed_at + 6  # across one more checkpoint
+    assert main(["train", str(config), "--set", f"train.steps={end}"]) == 0
+    straight = _write(tmp_path, "straight", {**SINUSOID, "train": {**train, "steps": end}})
+    assert main(["train", str(straight)]) == 0
+    a = load_checkpoint(run)["params"]
+    b = load_checkpoint(tmp_path / "runs" / "straight")["params"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = pd.read_parquet(run / "metrics.parquet")
+    rows_b = pd.read_parquet(tmp_path / "runs" / "straight" / "metrics.parquet")
+    assert list(rows_a["step"]) == list(range(1, end + 1))
+    assert rows_a["loss_after"].tolist() == rows_b["loss_after"].tolist()
+
+
 def test_stop_requests_flag_the_first_signal_and_restore_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
     seen: list[int] = []
