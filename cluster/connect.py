@@ -18,14 +18,14 @@ Authentication (see :mod:`cluster.auth`) is decided here, never by what happens 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from cluster import auth
+from cluster import auth, ray_logs
 from cluster.settings import RAY_SYSTEM_CONFIG
 from cluster.state import address_matches, read_running_state
 from cluster.topology import CLOUD_RESOURCE, Topology, site_resource
@@ -41,14 +41,16 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
             num_cpus: int | None = None, namespace: str = "edgemeta",
             token_path: str | Path | None = None, state_dir: str | Path | None = None,
             check_sites: bool = True, wait_s: float = 30.0,
-            log_to_driver: bool = True) -> dict[str, Any]:
+            log_to_driver: bool | None = None) -> dict[str, Any]:
     """Connect this process to Ray and return a description of what it joined.
 
     ``address``: None (``RAY_ADDRESS`` if set, else embedded), ``"auto"`` (the local launcher's
     cluster recorded in ``state_dir`` if one is up, else Ray's own discovery), ``host:port`` of a
     GCS, or ``ray://host:port``. ``topology``: declares the embedded node's resources; when
     joining, its sites are checked (``check_site_nodes``, waiting up to ``wait_s`` for nodes
-    still registering) unless ``check_sites`` is False.
+    still registering) unless ``check_sites`` is False. ``log_to_driver``: None follows
+    :func:`cluster.ray_logs.verbose` (Ray's processes' output stays off the console unless
+    verbose).
     """
     import ray
 
@@ -57,6 +59,9 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
         raise RuntimeError("Ray is already initialized in this process; call shutdown() first")
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
+    logs = ray_logs.init_kwargs()
+    if log_to_driver is not None:
+        logs["log_to_driver"] = log_to_driver
 
     if address is None:
         changes = _embedded_auth(token_path)
@@ -68,8 +73,7 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
             ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                            resources=resources,
                            include_dashboard=False, namespace=namespace,
-                           _system_config=dict(RAY_SYSTEM_CONFIG),
-                           logging_level=logging.WARNING, log_to_driver=log_to_driver)
+                           _system_config=dict(RAY_SYSTEM_CONFIG), **logs)
         except BaseException:
             _restore_env()
             raise
@@ -78,14 +82,14 @@ def connect(address: str | None = None, topology: Topology | None = None, *,
         if num_cpus is not None:
             raise ValueError("num_cpus applies to an embedded cluster only, not when joining one")
         address, changes = _join_auth(address, token_path, state_dir)
+        check_reachable(address)
         _saved_env = auth.apply_to_process(changes)
         try:
             if address.startswith("ray://"):
                 ctx = ray.init(address=address, namespace=namespace)
                 kind = "client"
             else:
-                ctx = ray.init(address=address, namespace=namespace,
-                               logging_level=logging.WARNING, log_to_driver=log_to_driver)
+                ctx = ray.init(address=address, namespace=namespace, **logs)
                 kind = "cluster"
         except BaseException:
             _restore_env()
@@ -212,6 +216,20 @@ def _join_auth(address: str, token_path: str | Path | None,
     if running is not None and address_matches(running, address):
         return address, auth.token_env(running.token_path)
     return address, auth.disabled_env()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, in one sentence, when nothing listens at a ``host:port`` address: Ray
+    itself retries for minutes, printing a warning every few seconds."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto" or ray://: Ray's own discovery and errors
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or err}): "
+                              f"is it up (edgemeta cluster status), and is the address "
+                              f"right?") from None
 
 
 def _gcs_address(ctx: Any) -> str | None:

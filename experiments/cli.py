@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.config import ConfigError
 from experiments.entry import add_run_arguments, config_from_args
@@ -16,22 +17,34 @@ from experiments.stopping import exit_code
 from metalearn.data.errors import DataSetError
 from metalearn.storage import StorageError
 
+if TYPE_CHECKING:  # experiments.progress imports rich: only when a command runs
+    from experiments.progress import RunConsole
+
+
+def _console() -> RunConsole:
+    from experiments.progress import RunConsole
+
+    return RunConsole()
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.train import train
 
     cfg = config_from_args(args)
-    print(where_line(cfg), flush=True)
-    return exit_code(train(cfg, resume=not args.fresh))
+    out = _console()
+    out.echo(where_line(cfg))
+    return exit_code(train(cfg, resume=not args.fresh, echo=out.echo, progress=out))
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
     from experiments.federated import QUORUM_LOST_EXIT, QuorumLost, train_federated
 
     cfg = config_from_args(args)
-    print(where_line(cfg), flush=True)
+    out = _console()
+    out.echo(where_line(cfg))
     try:
-        return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address))
+        return exit_code(train_federated(cfg, resume=not args.fresh, address=args.address,
+                                         echo=out.echo, progress=out))
     except QuorumLost as err:  # an outcome of the run, not a bug: one line, no traceback
         print(f"edgemeta federated: {err}", file=sys.stderr)
         return QUORUM_LOST_EXIT
@@ -51,7 +64,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from experiments.train import evaluate_run
 
-    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes, overrides=args.set)
+    out = _console()
+    evaluate_run(args.run_dir, step=args.step, episodes=args.episodes, overrides=args.set,
+                 echo=out.echo, progress=out)
     return 0
 
 
@@ -104,8 +119,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
     from metalearn.data.fetch import FetchError
 
+    out = _console()
     try:
-        run_demo(args.set)
+        run_demo(args.set, echo=out.echo, progress=out)
     except FetchError as err:
         print(f"edgemeta demo: error: {err}", file=sys.stderr)
         return 2
@@ -113,14 +129,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.launch import run
+    from serve.launch import StartError, run
 
-    return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
-               ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
-               num_replicas=args.replicas, address=args.address,
-               proxy_location=args.proxy_location, access_log=args.access_log,
-               adapted_max_models=args.adapted_max_models,
-               adapted_max_bytes=args.adapted_max_bytes)
+    out = _console()
+    try:
+        return run(args.run_dir, host=args.host, port=args.port, token_file=args.token_file,
+                   ingress=None if args.ingress == "auto" else args.ingress, site=args.site,
+                   num_replicas=args.replicas, address=args.address,
+                   proxy_location=args.proxy_location, access_log=args.access_log,
+                   adapted_max_models=args.adapted_max_models,
+                   adapted_max_bytes=args.adapted_max_bytes, echo=out.echo)
+    except StartError as err:
+        print(f"edgemeta serve: could not start: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.config import resolve_config
+    from experiments.search import tune_config_file
+
+    out = _console()
+    tune_config_file(resolve_config(args.config), args.space, overrides=args.set,
+                     fresh=args.fresh, echo=out.echo, progress=out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from experiments.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
 
 
 def _cluster_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -226,12 +264,18 @@ def cmd_cluster_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Ray's own log lines stay in log files unless asked for (cluster.ray_logs).
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument("--verbose", action="store_true",
+                      help="also print Ray's and Serve's own log lines (default: log files)")
 
-    p = sub.add_parser("train", help="centralized meta-training from a YAML config")
+    p = sub.add_parser("train", parents=[loud],
+                       help="centralized meta-training from a YAML config")
     add_run_arguments(p, "the config")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("federated", help="federated meta-training across edge sites on Ray")
+    p = sub.add_parser("federated", parents=[loud],
+                       help="federated meta-training across edge sites on Ray")
     add_run_arguments(p, "a config with a federated section")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: federated.address, else embedded)")
@@ -254,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("evaluate", help="re-evaluate a run folder's checkpoint on meta-test")
+    p = sub.add_parser("evaluate", parents=[loud],
+                       help="re-evaluate a run folder's checkpoint on meta-test")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     p.add_argument("--episodes", type=int, default=None)
@@ -282,11 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "federated.data.test_store on the cloud node)")
     f.set_defaults(func=cmd_data_shard)
 
-    p = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
+    p = sub.add_parser("demo", parents=[loud], help="the end-to-end demo that `make demo` runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="serve a run folder's models over HTTP with Ray Serve")
+    p = sub.add_parser("serve", parents=[loud],
+                       help="serve a run folder's models over HTTP with Ray Serve")
     p.add_argument("run_dir", nargs="+", help="run folder(s); the first is `latest`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -306,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapted-max-bytes", type=int, default=1 << 30,
                    help="bytes of adapted models kept per run folder (default 1 GiB)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tune", parents=[loud],
+                       help="hyper-parameter search with Ray Tune (ASHA early stopping)")
+    p.add_argument("config", help="a centralized YAML config, or a bundled name")
+    p.add_argument("--space", required=True, help="the search space YAML (experiments.search)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for every trial")
+    p.add_argument("--fresh", action="store_true",
+                   help="start the search over (default: restore the experiment)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="write a run folder's self-contained report.html")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cluster", help="a local multi-node Ray cluster (a raylet per site)")
     cluster_sub = p.add_subparsers(dest="cluster_command", required=True)
@@ -344,11 +405,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from cluster.ray_logs import set_verbose
+
+        set_verbose(True)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, StorageError, DataSetError) as err:
+    except (ConfigError, FileNotFoundError, StorageError, DataSetError, ConnectionError) as err:
         print(f"edgemeta: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from cluster.ray_logs import verbose
+
+        if verbose():
+            raise
+        print(f"edgemeta {args.command}: failed: {_one_line(err)} (traceback: "
+              f"{_save_traceback(args.command, err)}; --verbose shows it here)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type, the first line of its message and, for a message
+    of several lines (a process's log tail, a nested traceback), its last, where the cause
+    usually is."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _save_traceback(command: str, err: BaseException) -> str:
+    """Write the traceback to a file of its own (a command's console stays one line)."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"edgemeta-{command}-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(err)))
+    return path
 
 
 if __name__ == "__main__":

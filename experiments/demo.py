@@ -17,12 +17,17 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cluster import ray_logs
 from cluster.console import Printer
 from experiments.config import load_config
 from metalearn.storage import Location
+
+if TYPE_CHECKING:
+    from experiments.progress import Bar, RunConsole
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Where the demo fetches the original Omniglot zips from (a mirror, or a test's server).
@@ -59,8 +64,18 @@ def _banner(echo: Printer, text: str) -> None:
     echo(f"\n=== {text} ===")
 
 
-def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[str, Any]:
-    """Run the demo; return the training summary plus what the HTTP checks measured."""
+def run_demo(overrides: list[str] | None = None, echo: Printer = print,
+             progress: RunConsole | None = None) -> dict[str, Any]:
+    """Run the demo; return the training summary plus what the HTTP checks measured.
+    ``progress`` draws the four stages (and training's bars and site table) as bars."""
+    with (nullcontext(None) if progress is None
+          else progress.bar("demo", 4, "stages", summary=False,
+                                      plain_lines=False)) as stages:
+        return _run_demo(overrides, echo, progress, stages)
+
+
+def _run_demo(overrides: list[str] | None, echo: Printer, progress: RunConsole | None,
+              stages: Bar | None) -> dict[str, Any]:
     from cluster import local
     from experiments.federated import train_federated
 
@@ -79,10 +94,14 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[
     saved = {k: os.environ.get(k) for k in info.auth_env()}
     os.environ.update(info.auth_env())
     try:
+        _next(stages)
         _banner(echo, "2/4 federated meta-training (edge actors pinned by custom resources)")
-        summary = train_federated(cfg, resume=False, address=info.address, echo=echo)
+        summary = train_federated(cfg, resume=False, address=info.address, echo=echo,
+                                  progress=progress)
+        _next(stages)
         _banner(echo, "3/4 serving the meta-model over HTTP (Ray Serve)")
         summary["http"] = serve_and_query(cfg.run_dir, info.address, echo)
+        _next(stages)
     finally:
         _banner(echo, "4/4 stopping the cluster")
         local.down(state_dir)
@@ -92,8 +111,15 @@ def run_demo(overrides: list[str] | None = None, echo: Printer = print) -> dict[
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    echo(f"\ndemo done in {time.perf_counter() - t0:.0f} s; run folder: {cfg.run_dir}")
+    _next(stages)
+    echo(f"\ndemo done in {time.perf_counter() - t0:.0f} s; run folder: {cfg.run_dir}; "
+         f"report: {cfg.run_dir / 'report.html'}")
     return summary
+
+
+def _next(stages: Bar | None) -> None:
+    if stages is not None:
+        stages.advance()
 
 
 def serve_and_query(run_dir: Location, address: str, echo: Printer) -> dict[str, Any]:
@@ -108,7 +134,8 @@ def serve_and_query(run_dir: Location, address: str, echo: Printer) -> dict[str,
 
     try:
         served = start({"run_dirs": [str(run_dir.resolve())]}, port=free_port(),
-                       address=address, ingress="haproxy")
+                       address=address, ingress="haproxy",
+                       log_dir=ray_logs.log_dir_for(run_dir), echo=echo)
     except BaseException:
         ray.shutdown()
         raise

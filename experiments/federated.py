@@ -47,8 +47,9 @@ import gc
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -57,6 +58,7 @@ import torch
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
 from actors.contract import UpdateKind
 from actors.federation import Federation, RoundOutcome, broadcast
+from cluster import ray_logs
 from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Topology
@@ -119,9 +121,17 @@ def quorum_lost(fed: FederatedConfig, missed: int, round_idx: int,
         f"{fed.deadline_s}, or fix the sites, then run the same command to resume")
 
 
+if TYPE_CHECKING:
+    from experiments.progress import RunConsole
+    from experiments.train import RowSink
+
+
 def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str | None = None,
-                    echo: Printer = print) -> dict[str, Any]:
-    """Train across the topology's edge sites as configured; write the run folder; summarize."""
+                    echo: Printer = print, progress: RunConsole | None = None,
+                    on_row: RowSink | None = None) -> dict[str, Any]:
+    """Train across the topology's edge sites as configured; write the run folder and its
+    report; summarize. ``progress`` draws the rounds, a live table of the sites and the
+    meta-test; ``on_row`` is told each round's metrics row."""
     fed = federated_section(cfg)
     topology = fed.resolved_topology()
     devices = {s.name: fed.devices_per_site or s.devices for s in topology.sites}
@@ -136,6 +146,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     log.write_config(config)
 
     started = join_or_start(address or fed.address, topology)
+    ray_logs.route_driver_logs(ray_logs.log_dir_for(cfg.run_dir), echo)
     cloud: Cloud | None = None
     # The cloud's own work is vector ops on ~1e5 floats (pack, aggregate, Adam): one thread.
     # Two OpenMP threads gain nothing at that size and, when the sites keep the cores busy,
@@ -153,7 +164,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"federated {cfg.algorithm.name} on {cfg.data.dataset}: {len(devices)} sites, "
              f"{per_site} tasks per site, {fed.local_steps} local step(s), "
              f"{cfg.train.steps} rounds -> {cfg.run_dir}")
-        loop = _train_rounds(cfg, cloud, log, devices, resume, echo)
+        loop = _train_rounds(cfg, cloud, log, devices, resume, echo, progress, on_row)
         if loop.stopped_by:
             return loop.stopped_summary(cfg.name)
 
@@ -161,7 +172,9 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
                                                 echo)
         cloud.federation.release()  # the sites' work is done: free them before the meta-test
         echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
-        result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.eval.episodes, topology)
+        with (nullcontext() if progress is None
+              else progress.bar("meta-test on the cloud node", None, "episodes")):
+            result = meta_test_on_cloud(cfg, cloud.outer.params, cfg.eval.episodes, topology)
         summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                    "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
                    "train_tasks": int(sum(r.get("round_tasks", 0) for r in log.rows)),
@@ -174,6 +187,9 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
 
         write_federated_plots(cfg.run_dir, log.rows, personal)
         echo(f"{cfg.name}: {headline(result)} after {loop.step} rounds ({loop.elapsed_s:.0f} s)")
+        from experiments.report import write_report
+
+        echo(f"report: {write_report(cfg.run_dir)}")
         return summary
     finally:
         gc.unfreeze()
@@ -185,7 +201,8 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
 
 
 def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Mapping[str, int],
-                  resume: bool, echo: Printer) -> RunLoop:
+                  resume: bool, echo: Printer, progress: RunConsole | None,
+                  on_row: RowSink | None) -> RunLoop:
     """The rounds, resumed from the latest checkpoint; returns the loop (where it stopped)."""
     fed, rounds = federated_section(cfg), cfg.train.steps
     if cloud.privacy is not None:  # a target epsilon may allow fewer rounds
@@ -193,7 +210,7 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
         echo(cloud.privacy.describe())
     if cloud.secagg is not None:
         echo(cloud.secagg.describe())
-    with RunLoop(cfg.run_dir, unit="round", total=rounds, echo=echo,
+    with RunLoop(cfg.run_dir, unit="round", total=rounds, echo=echo, progress=progress,
                  checkpoint_every=cfg.train.checkpoint_every,
                  time_budget_s=cfg.train.time_budget_s,
                  stop_after=fed.stop_after_rounds) as loop:
@@ -226,6 +243,10 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                 row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
                 echo(f"  round {round_idx}: meta-test {headline(result)}")
             log.append(row)
+            if progress is not None:
+                progress.sites(outcome.sites)
+            if on_row is not None:
+                on_row(row)
             trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
             # Trouble is news when it changes (a site goes down, comes back, turns late); a
             # site down for an hour is one line, not one a round (the rows keep every round).
@@ -409,9 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: embedded)")
     args = parser.parse_args(argv)
     try:
+        from experiments.progress import RunConsole
+
         cfg = config_from_args(args)
-        print(where_line(cfg), flush=True)
-        summary = train_federated(cfg, resume=not args.fresh, address=args.address)
+        out = RunConsole()  # plain lines in `ray job logs` (not a terminal)
+        out.echo(where_line(cfg))
+        summary = train_federated(cfg, resume=not args.fresh, address=args.address,
+                                  echo=out.echo, progress=out)
     except (ConfigError, FileNotFoundError, StorageError, DataSetError) as err:
         print(f"edgemeta federated: error: {err}", file=sys.stderr)
         return 2

@@ -19,13 +19,17 @@ at hand (:class:`~experiments.stopping.StopRequests`); outside it, signals act a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 from cluster.console import Printer
 from experiments.stopping import StopRequests
 from metalearn.checkpoint import resume_from_latest
 from metalearn.outer import OuterOptimizer
 from metalearn.storage import PathLike, location
+
+if TYPE_CHECKING:
+    from experiments.progress import RunConsole
 
 
 class RunLoop:
@@ -39,11 +43,12 @@ class RunLoop:
         time_budget_s: stop once this much counted time is spent (None: no budget).
         stop_after: testing aid: save and stop after this step, as if stopped.
         echo: where the loop's own lines go.
+        progress: draws the steps as a progress bar (count, rate, time left), if given.
     """
 
     def __init__(self, run_dir: PathLike, *, unit: str, total: int, checkpoint_every: int,
                  time_budget_s: float | None, stop_after: int | None = None,
-                 echo: Printer = print) -> None:
+                 echo: Printer = print, progress: RunConsole | None = None) -> None:
         self.run_dir = location(run_dir)
         self.unit = unit
         self.total = total
@@ -51,6 +56,7 @@ class RunLoop:
         self.time_budget_s = time_budget_s
         self.stop_after = stop_after
         self.echo = echo
+        self.progress = progress
         self.step = 0
         self.elapsed_s = 0.0
         self.stopped_by: str | None = None  # a signal's name, or "stop_after"
@@ -84,16 +90,21 @@ class RunLoop:
         """Yield step numbers until done, budget spent or a signal came (use inside ``with``);
         ``save`` checkpoints on the cadence and once at the end (not after an exception inside
         the body)."""
-        while self._running():
-            self.step += 1
-            yield self.step
-            if self.step % self.checkpoint_every == 0:
-                save()
-            if self.stop_after is not None and self.step >= self.stop_after:
-                self.stopped_by = "stop_after"
-                save()
-                self.echo(f"stopping after {self.unit} {self.step} (stop_after_rounds)")
-                return
+        bar = (nullcontext(None) if self.progress is None else
+               self.progress.bar("training", self.total, f"{self.unit}s", completed=self.step))
+        with bar as shown:
+            while self._running():
+                self.step += 1
+                yield self.step
+                if shown is not None:
+                    shown.advance()
+                if self.step % self.checkpoint_every == 0:
+                    save()
+                if self.stop_after is not None and self.step >= self.stop_after:
+                    self.stopped_by = "stop_after"
+                    save()
+                    self.echo(f"stopping after {self.unit} {self.step} (stop_after_rounds)")
+                    return
         save()
         signal = self._stop.signal
         if signal is not None:

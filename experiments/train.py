@@ -10,7 +10,9 @@ checkpoint of its run folder; Ctrl-C or SIGTERM stops after the current step wit
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,30 +28,47 @@ from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
 from metalearn.storage import PathLike
 
+if TYPE_CHECKING:
+    from experiments.progress import RunConsole
+
+#: Told each metrics row as it is logged (a Tune trial reports it for early stopping).
+RowSink = Callable[[dict[str, Any]], None]
+
 
 def meta_test(cfg: ExperimentConfig, algorithm: MetaAlgorithm, params: Params,
-              episodes: int) -> dict[str, Any]:
-    """Meta-test result on held-out tasks: accuracy ± ci95, or MSE by adaptation steps."""
+              episodes: int, progress: RunConsole | None = None) -> dict[str, Any]:
+    """Meta-test result on held-out tasks: accuracy ± ci95, or MSE by adaptation steps
+    (drawn as a progress bar of episodes when ``progress`` is given)."""
     data = cfg.to_dict()["data"]
     data.update({k: v for k in ("ways", "shots", "queries")
                  if (v := getattr(cfg.eval, k)) is not None})
     sampler = sampler_from_config(data, "test", seed=cfg.eval.seed)
-    if task_type(data) == "regression":
-        by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
-                                     steps_list=cfg.eval.steps_list, batch=cfg.eval.batch)
-        ordered = sorted(by_steps.items())
-        return {"mse": {str(k): v["mse"] for k, v in ordered},
-                "ci95": {str(k): v["ci95"] for k, v in ordered},
-                "episodes": episodes}
-    return evaluate(algorithm, params, sampler.sample, episodes, steps=cfg.eval.steps,
-                    batch=cfg.eval.batch)
+    sinusoid = task_type(data) == "regression"
+    total = episodes * (len(cfg.eval.steps_list) if sinusoid else 1)
+    bar = (nullcontext(None) if progress is None
+           else progress.bar("meta-test", total, "episodes"))
+    with bar as shown:
+        counted = None if shown is None else shown.advance
+        if sinusoid:
+            by_steps = evaluate_by_steps(algorithm, params, sampler.sample, episodes,
+                                         steps_list=cfg.eval.steps_list, batch=cfg.eval.batch,
+                                         on_episodes=counted)
+            ordered = sorted(by_steps.items())
+            return {"mse": {str(k): v["mse"] for k, v in ordered},
+                    "ci95": {str(k): v["ci95"] for k, v in ordered},
+                    "episodes": episodes}
+        return evaluate(algorithm, params, sampler.sample, episodes, steps=cfg.eval.steps,
+                        batch=cfg.eval.batch, on_episodes=counted)
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) -> dict[str, Any]:
-    """Train centrally as configured, write the run folder, and return the summary.
+def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
+          progress: RunConsole | None = None, on_row: RowSink | None = None) -> dict[str, Any]:
+    """Train centrally as configured, write the run folder and its report, and return the
+    summary.
 
     Stopped by SIGINT/SIGTERM, it checkpoints the last finished step and returns
-    ``{"stopped_by": "SIGTERM", "train_steps": ...}`` without meta-testing."""
+    ``{"stopped_by": "SIGTERM", "train_steps": ...}`` without meta-testing. ``progress`` draws
+    the steps and the meta-test as bars; ``on_row`` is told each step's metrics row."""
     run_dir = cfg.run_dir
     config = cfg.to_dict()
     log = RunLog(run_dir)
@@ -60,7 +79,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
     outer = OuterOptimizer(algorithm.init_params(), lr=cfg.train.outer_lr,
                            kind=cfg.train.outer_optimizer)
     sampler = sampler_from_config(config["data"], "train", seed=cfg.seed)
-    with RunLoop(run_dir, unit="step", total=cfg.train.steps, echo=echo,
+    with RunLoop(run_dir, unit="step", total=cfg.train.steps, echo=echo, progress=progress,
                  checkpoint_every=cfg.train.checkpoint_every,
                  time_budget_s=cfg.train.time_budget_s) as loop:
         state = loop.resume(outer) if resume else None
@@ -81,17 +100,22 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print) 
              f"for {cfg.train.steps} steps -> {run_dir}")
         for step in loop.steps(save=checkpoint):
             _one_step(cfg, algorithm, outer, sampler, log, step, loop, echo)
+            if on_row is not None:
+                on_row(log.rows[-1])
     if loop.stopped_by:
         return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
                 "train_time_s": round(loop.elapsed_s, 2)}
 
     echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
-    result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes)
+    result = meta_test(cfg, algorithm, outer.params, cfg.eval.episodes, progress)
     summary = {**result, "name": cfg.name, "algorithm": cfg.algorithm.name,
                "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
                "train_tasks": loop.step * cfg.train.meta_batch}
     log.write_summary(summary)
     echo(f"{cfg.name}: {headline(result)} after {loop.step} steps ({loop.elapsed_s:.0f} s)")
+    from experiments.report import write_report  # matplotlib: only now
+
+    echo(f"report: {write_report(run_dir)}")
     return summary
 
 
@@ -116,7 +140,8 @@ def _one_step(cfg: ExperimentConfig, algorithm: MetaAlgorithm, outer: OuterOptim
 
 
 def evaluate_run(run_dir: PathLike, step: int | None = None, episodes: int | None = None,
-                 overrides: list[str] | None = None, echo: Printer = print) -> dict[str, Any]:
+                 overrides: list[str] | None = None, echo: Printer = print,
+                 progress: RunConsole | None = None) -> dict[str, Any]:
     """Re-evaluate a run folder's checkpoint (default: the latest) on meta-test tasks.
 
     ``overrides`` (``section.key=value``) change the evaluation without retraining, e.g.
@@ -128,7 +153,7 @@ def evaluate_run(run_dir: PathLike, step: int | None = None, episodes: int | Non
     cfg = parse_config(apply_overrides(read_run_config(run_dir), overrides or []), str(run_dir))
     algorithm = algorithm_from_config(cfg.to_dict())
     state = load_checkpoint(run_dir, step)
-    result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes)
+    result = meta_test(cfg, algorithm, state["params"], episodes or cfg.eval.episodes, progress)
     result["step"] = int(state["step"])
     echo(f"{run_dir} @ step {result['step']}: {headline(result)}")
     return result

@@ -20,6 +20,8 @@ from metalearn.params import Params
 from metalearn.tasks import TaskBatch
 
 SampleTasks = Callable[[int], TaskBatch]
+#: Told how many more episodes were just scored (a progress bar's ``advance``).
+EpisodesDone = Callable[[int], object]
 
 
 def _episode_scores(algorithm: MetaAlgorithm, params: Params, tasks: TaskBatch,
@@ -68,24 +70,33 @@ def _batches(sample_tasks: SampleTasks, episodes: int, batch: int) -> list[TaskB
 
 
 def _score(algorithm: MetaAlgorithm, params: Params, batches: list[TaskBatch],
-           steps: int | None) -> dict[str, float]:
-    scores = torch.cat([_episode_scores(algorithm, params, tb, steps) for tb in batches])
+           steps: int | None, on_episodes: EpisodesDone | None = None) -> dict[str, float]:
+    parts = []
+    for tb in batches:
+        parts.append(_episode_scores(algorithm, params, tb, steps))
+        if on_episodes is not None:
+            on_episodes(len(tb))
+    scores = torch.cat(parts)
     key = "accuracy" if algorithm.task_type == "classification" else "mse"
     return summarize(scores, key)
 
 
 def evaluate(algorithm: MetaAlgorithm, params: Params, sample_tasks: SampleTasks, episodes: int,
-             steps: int | None = None, batch: int = 32) -> dict[str, float]:
+             steps: int | None = None, batch: int = 32,
+             on_episodes: EpisodesDone | None = None) -> dict[str, float]:
     """Mean query accuracy in [0, 1] (classification) or MSE (regression) over ``episodes``
-    episodes drawn ``batch`` at a time, adapting ``steps`` steps (default: ``test_steps``)."""
-    return _score(algorithm, params, _batches(sample_tasks, episodes, batch), steps)
+    episodes drawn ``batch`` at a time, adapting ``steps`` steps (default: ``test_steps``).
+    ``on_episodes(n)`` is told each time n more episodes are scored (a progress bar)."""
+    return _score(algorithm, params, _batches(sample_tasks, episodes, batch), steps, on_episodes)
 
 
 def evaluate_by_steps(algorithm: MetaAlgorithm, params: Params, sample_tasks: SampleTasks,
                       episodes: int, steps_list: Sequence[int] = (0, 1, 5, 10),
-                      batch: int = 32) -> dict[int, dict[str, float]]:
+                      batch: int = 32, on_episodes: EpisodesDone | None = None,
+                      ) -> dict[int, dict[str, float]]:
     """:func:`evaluate` after each number of steps in ``steps_list``, on the *same* episodes
     (paired, so the curve is not blurred by different draws), e.g. sinusoid MSE after 0/1/5/10
-    steps as in the MAML paper."""
+    steps as in the MAML paper. ``on_episodes`` counts ``episodes`` once per entry of
+    ``steps_list``."""
     batches = _batches(sample_tasks, episodes, batch)
-    return {int(s): _score(algorithm, params, batches, int(s)) for s in steps_list}
+    return {int(s): _score(algorithm, params, batches, int(s), on_episodes) for s in steps_list}

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cluster import ray_logs
+from cluster.console import Printer
 from cluster.ports import free_port
 from metalearn.storage import location
 
@@ -125,12 +127,15 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
           proxy_location: ProxyLocation = "HeadOnly", num_cpus: int | None = None,
           resources: Mapping[str, float] | None = None, route_prefix: str = "/",
           app_name: str = APP_NAME, extra_apps: Mapping[str, tuple[str, Any]] | None = None,
-          ray_init: Mapping[str, Any] | None = None, timeout_s: float = 120.0) -> Served:
+          ray_init: Mapping[str, Any] | None = None, timeout_s: float = 120.0,
+          log_dir: str | Path | None = None, echo: Printer = print) -> Served:
     """Start (or join) Ray, start Serve on ``host:port`` and deploy the application.
 
     ``ingress`` defaults to HAProxy where its binary exists. ``extra_apps`` maps more app
     names to ``(route_prefix, settings)`` (one Serve instance, several apps: e.g. a second
-    run, a site-pinned copy, or a token-protected copy in tests).
+    run, a site-pinned copy, or a token-protected copy in tests). Ray's and Serve's own log
+    lines stay off the console unless verbose (:mod:`cluster.ray_logs`): the driver's go to
+    ``log_dir/ray-driver.log`` when given, a warning becomes one line on ``echo``.
     """
     import ray
     from ray import serve
@@ -146,10 +151,14 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     owns_ray = False
+    ray_logs.route_driver_logs(log_dir, echo)  # ray.init's own warnings too
     try:
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(ray_init or {})
+            kwargs: dict[str, Any] = {**ray_logs.init_kwargs(), **dict(ray_init or {})}
             if address:
+                from cluster.connect import check_reachable
+
+                check_reachable(address)  # Ray itself would retry for minutes
                 kwargs["address"] = address
             else:
                 # "local", never None: ray.init() with no address joins whatever cluster
@@ -162,6 +171,7 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                 if resources:
                     kwargs.setdefault("resources", dict(resources))
             ray.init(**kwargs)
+        ray_logs.route_driver_logs(log_dir, echo)
         serve.start(http_options={"host": host, "port": port},
                     proxy_location=proxy_location)
         apps = {app_name: (route_prefix, settings), **dict(extra_apps or {})}
@@ -207,21 +217,73 @@ def _wait_running(app_names: list[str], timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+class StartError(RuntimeError):
+    """Serve could not start; the message is one sentence (what failed, what to try)."""
+
+
+def explain_start_failure(err: BaseException, host: str, port: int,
+                          address: str | None) -> str:
+    """What failed and what to try, in one sentence, for the failures met in practice."""
+    text = str(err)
+    if "Address already in use" in text or "cannot bind socket" in text:
+        return (f"port {port} on {host} is taken by another process: stop it or choose "
+                f"another port with --port")
+    if isinstance(err, ConnectionError) or "Could not find any running Ray instance" in text:
+        return (f"could not reach the Ray cluster at {address or 'this host'}: check that it "
+                f"is up (edgemeta cluster status) and the address")
+    if isinstance(err, TimeoutError):
+        return f"{text}: the machine may be overloaded; try again, or --verbose to watch Ray"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(err).__name__}: {first}"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
         token_file: str | None = None, ingress: Ingress | None = None, site: str | None = None,
         num_replicas: int = 1, address: str | None = None,
-        proxy_location: ProxyLocation = "HeadOnly", **settings: Any) -> int:
-    """Serve run folder(s) until interrupted (``edgemeta serve RUN_DIR``)."""
+        proxy_location: ProxyLocation = "HeadOnly", echo: Printer = print,
+        **settings: Any) -> int:
+    """Serve run folder(s) until interrupted (``edgemeta serve RUN_DIR``).
+
+    Raises :class:`StartError` (one sentence; the traceback and the driver's Ray log in the
+    first run folder's ``logs/``) when Serve does not start."""
     run_dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
     for d in run_dirs:  # a local folder or a URI in run storage (s3://bucket/runs/NAME)
         if not (location(d) / "config.yaml").is_file():
             raise FileNotFoundError(f"{d} is not a run folder: config.yaml is missing")
+    if address is None and _port_taken(host, port):
+        raise StartError(f"port {port} on {host} is taken by another process: stop it or "
+                         f"choose another port with --port")
     app_settings = {"run_dirs": [str(location(d).resolve()) for d in run_dirs], "site": site,
                     "num_replicas": num_replicas, "token_file": token_file, **settings}
-    served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
-                   proxy_location=proxy_location)
-    print(f"edgemeta serving {', '.join(run_dirs)} at {served.url} "
-          f"(ingress: {served.ingress}; docs: {served.url}/docs). Ctrl-C to stop.", flush=True)
+    log_dir = ray_logs.log_dir_for(run_dirs[0])
+    try:
+        served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
+                       proxy_location=proxy_location, log_dir=log_dir, echo=echo)
+    except Exception as err:
+        import traceback
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        trace = log_dir / "serve-start-error.log"
+        trace.write_text("".join(traceback.format_exception(err)))
+        raise StartError(f"{explain_start_failure(err, host, port, address)} (traceback: "
+                         f"{trace}; Ray's own logs: --verbose)") from err
+    echo(f"edgemeta serving {', '.join(run_dirs)} at {served.url} "
+         f"(ingress: {served.ingress}; docs: {served.url}/docs). Ctrl-C to stop.")
     stop = False
 
     def on_signal(*_: Any) -> None:
@@ -236,6 +298,6 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print("edgemeta serve: shutting down", flush=True)
+        echo("edgemeta serve: shutting down")
         served.stop()
     return 0
