@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from metalearn.compression import CodecName, Encoded
 from privacy.config import SecAggConfig
 from privacy.messages import MaskedInput
 
@@ -143,6 +144,28 @@ class SecAggJob:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """How a site compresses its update before it leaves (``federated.compression``; the
+    maths is :mod:`metalearn.compression`). Fields that do not belong to ``codec`` are 0.
+
+    ``block``: int8's coordinates per scale (0: one scale per tensor of the model).
+    ``fraction``: top-k's share of coordinates kept. ``error_feedback``: keep what the codec
+    left out at the site and add it to the next update (top-k).
+    """
+
+    codec: CodecName
+    block: int
+    fraction: float
+    error_feedback: bool
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("fp16", "int8", "topk"):
+            raise ValueError(f"unknown codec {self.codec!r}; choose fp16, int8 or topk")
+        if self.block < 0 or (self.codec == "topk" and not 0 < self.fraction <= 1):
+            raise ValueError(f"compression {self}: parameters out of range")
+
+
+@dataclass(frozen=True)
 class SiteJob:
     """Everything a site needs to take part in a run; sent once, when its actor starts.
 
@@ -164,6 +187,8 @@ class SiteJob:
             ``attack`` of the site: robust aggregation is tested against configured attackers).
         privacy: how the site clips and noises its update (``federated.privacy``), or None.
         secagg: how the site masks its update (``federated.secure_aggregation``), or None.
+        compression: how the site compresses its update (``federated.compression``), or None
+            (float32).
     """
 
     site: str
@@ -178,6 +203,7 @@ class SiteJob:
     attack: Attack | None
     privacy: SitePrivacy | None
     secagg: SecAggJob | None
+    compression: Compression | None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -210,6 +236,10 @@ class RoundReply:
     With ``secagg`` in the job, ``update`` is empty (float32, length 0) and ``masked`` carries
     the update, clipped at the site, encoded in the ring and masked: uniformly random on its
     own. The cloud never holds the update itself. Without it, ``masked`` is None.
+
+    With ``compression`` in the job, ``update`` is empty too and ``encoded`` carries the
+    compressed update; its ``codec`` says how to decode it (the cloud decodes before
+    aggregating). Without it, ``encoded`` is None.
     """
 
     site: str
@@ -222,11 +252,17 @@ class RoundReply:
     device_ids: tuple[int, ...]
     clip_vote: float | None
     masked: MaskedInput | None
+    encoded: Encoded | None
 
     @property
     def bytes_up(self) -> int:
-        """The update's payload: the float32 vector, or the masked ring vector (and its id)."""
-        return int(self.update.nbytes) if self.masked is None else self.masked.nbytes
+        """The update's payload: the float32 vector, the masked ring vector (and its id), or
+        the compressed update."""
+        if self.masked is not None:
+            return self.masked.nbytes
+        if self.encoded is not None:
+            return self.encoded.nbytes
+        return int(self.update.nbytes)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ clear; :meth:`EdgeNode.secagg_unmask` answers the cloud's unmasking request once
 the client. The client lives in the actor's memory only: a restarted actor has lost it and
 counts as dropped for that round (:class:`SecAggClientLost`).
 
+Compression (the job's ``compression``, :mod:`metalearn.compression`): the update, once
+clipped, noised or poisoned as the job says, is compressed last and only the compressed form
+leaves (``RoundReply.encoded``); with error feedback the site keeps what the codec left out
+and adds it to its next update (the residual travels in :meth:`EdgeNode.sampler_state`, so a
+checkpoint holds it; a restarted actor starts with none).
+
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
 test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import sys
 import threading
@@ -54,6 +61,7 @@ import torch
 
 from actors.contract import (
     Attack,
+    Compression,
     RoundReply,
     RoundTimings,
     SecAggJob,
@@ -64,10 +72,26 @@ from actors.contract import (
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
+from metalearn.compression import (
+    Encoded,
+    ErrorFeedback,
+    block_segments,
+    encode_fp16,
+    encode_int8,
+    encode_topk,
+    topk_count,
+)
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
-from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed, split_tasks
+from metalearn.sites import (
+    SampleTasks,
+    SiteTasks,
+    attack_seed,
+    compression_seed,
+    site_seed,
+    split_tasks,
+)
 from privacy.client import MaskingClient
 from privacy.dp import release_at_site
 from privacy.fixed_point import clip_l2
@@ -143,6 +167,7 @@ class EdgeNode:
         self.rounds_done = 0
         self.last_round = 0
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
+        self.feedback = ErrorFeedback()  # what a biased codec left out (compression)
         t0 = time.perf_counter()
         data = job.learner["data"]
         if data["dataset"] == "omniglot":  # load now: round 1 times compute only
@@ -217,6 +242,10 @@ class EdgeNode:
         if client is not None and delivery is not None:
             masked = self._computed(self._masked, client, flat, delivery)
             flat = np.zeros(0, dtype=np.float32)  # the update never leaves in clear
+        encoded = None
+        if self.job.compression is not None:
+            encoded = self._computed(self._encoded, self.job.compression, flat, round_idx)
+            flat = np.zeros(0, dtype=np.float32)  # only the compressed form leaves
         self._injected_delay()
         self.rounds_done += 1
         self.last_round = int(round_idx)
@@ -227,7 +256,30 @@ class EdgeNode:
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
                           timings=timings, device_ids=tuple(devices), clip_vote=vote,
-                          masked=masked)
+                          masked=masked, encoded=encoded)
+
+    def _encoded(self, spec: Compression, flat: np.ndarray, round_idx: int) -> Encoded:
+        """The update compressed as the job says (after clipping, noise and any attack: what
+        is compressed is exactly what would have been sent); with error feedback, plus what
+        earlier rounds left out, which the site keeps."""
+        vector = torch.from_numpy(flat)
+        if spec.codec == "fp16":
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_fp16(v)
+        elif spec.codec == "int8":
+            segments = (block_segments(vector.numel(), spec.block) if spec.block
+                        else [math.prod(s) for s in self.layout.shapes])
+            rounding = torch.Generator().manual_seed(
+                compression_seed(self.job.seed, self.site, round_idx))
+
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_int8(v, segments, rounding)
+        else:
+            k = topk_count(vector.numel(), spec.fraction)
+
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_topk(v, k)
+        return self.feedback.compress(vector, encode) if spec.error_feedback else encode(vector)
 
     # ------------------------------------------------------------------ secure aggregation
 
@@ -399,13 +451,20 @@ class EdgeNode:
             rounds_done=self.rounds_done, load_s=self.load_s, warmup_s=self.warmup_s,
             nice={"calls": _thread_nice(), "compute": self.compute_thread_nice})
 
-    def sampler_state(self) -> dict[str, int]:
-        """All the sampling state there is: tasks are seeded per round, so a counter."""
-        return {"rounds_done": self.rounds_done, "last_round": self.last_round}
+    def sampler_state(self) -> dict[str, Any]:
+        """All the sampling state there is: tasks are seeded per round, so a counter; and,
+        with error feedback, the residual the site keeps (a checkpoint holds it, so a resumed
+        run sends what an uninterrupted one sends)."""
+        state: dict[str, Any] = {"rounds_done": self.rounds_done, "last_round": self.last_round}
+        residual = self.feedback.state()
+        if residual is not None:
+            state["residual"] = residual
+        return state
 
-    def load_sampler_state(self, state: Mapping[str, int]) -> None:
+    def load_sampler_state(self, state: Mapping[str, Any]) -> None:
         self.rounds_done = int(state.get("rounds_done", 0))
         self.last_round = int(state.get("last_round", 0))
+        self.feedback.load(state.get("residual"))
 
 
 def spawn_edge(job: SiteJob, actor_cpus: float) -> Any:

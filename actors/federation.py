@@ -16,6 +16,8 @@ Decisions worth knowing:
 * **Reads overlap the wait.** Each reply is read as it arrives (``ray.wait(num_returns=1)``
   until the deadline); updates are returned in participant order, so the aggregate's float
   sums do not depend on arrival order.
+* **Compressed updates are decoded here**, as they arrive (``RoundReply.encoded`` says which
+  codec made each): the rules and the privacy release only ever see float32 vectors.
 * **Any call, the same rules.** :meth:`Federation.call_sites` calls one method on several sites
   and keeps what arrives before a deadline, with the same busy / down / late bookkeeping as a
   round: the key exchanges of secure aggregation (:mod:`actors.secure_round`) use it.
@@ -36,6 +38,7 @@ from actors.contract import RoundReply, SiteInfo, SiteJob
 from actors.edge import spawn_edge
 from cluster.console import Printer
 from metalearn.aggregation import FlatUpdate
+from metalearn.compression import decode
 from metalearn.params import FlatLayout, Params
 from privacy.messages import MaskedInput, ShareDelivery
 
@@ -282,7 +285,8 @@ class Federation:
                           **reply.metrics})
         if reply.masked is not None:
             return reply.masked
-        return FlatUpdate(reply.kind, self.layout.vector(reply.update), reply.num_tasks)
+        vector = reply.update if reply.encoded is None else decode(reply.encoded)
+        return FlatUpdate(reply.kind, self.layout.vector(vector), reply.num_tasks)
 
     def _busy(self, site: str) -> bool:
         if site not in self.pending:

@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from experiments.aggregation_config import AggregatorConfig, WeightedMeanRule
+from experiments.compression_config import CompressionConfig
 from experiments.privacy_config import PrivacyConfig
 from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
@@ -195,6 +196,28 @@ def check_secure_aggregation(fed: FederatedConfig, topology: Any) -> None:
         raise ValueError(f"federated.secure_aggregation: {err}") from None
 
 
+def check_compression(fed: FederatedConfig) -> None:
+    """What cannot compose with ``federated.compression``, each with its reason. Allowed:
+    ``privacy`` with central noise (the site clips first, then compresses; the cloud decodes
+    and re-clips each update before the noised sum, so the sensitivity holds), attacks (an
+    attacker's update is compressed like any other), every aggregation rule."""
+    comp = fed.compression
+    if comp is None:
+        return
+    if fed.secure_aggregation is not None:
+        raise ValueError(
+            f"federated.compression ({comp.codec}) cannot run with federated."
+            "secure_aggregation: the masked update is a vector of ring integers, uniformly "
+            "random, that no codec can shrink, and a compressed update cannot be masked "
+            "without decoding it at the site first; drop one of the two")
+    if fed.privacy is not None and fed.privacy.noise == "distributed":
+        raise ValueError(
+            f"federated.compression ({comp.codec}) cannot run with federated.privacy.noise "
+            "distributed: each site's noise share must reach the sum exactly for the shares "
+            "to add up to the calibrated Gaussian, and the cloud cannot re-clip a noised "
+            "share after decoding; use noise: central, or no compression")
+
+
 def secure_threshold(fed: FederatedConfig, sites: int) -> int:
     """The configured threshold, or a majority of the holders of a site's shares: the sites
     called per round, or a SecAgg+ neighbourhood (the site and its neighbours)."""
@@ -252,6 +275,9 @@ class FederatedConfig(Section):
                                           "privacy (DP-FedAvg); none by default")
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="mask the updates: the cloud learns only their sum; none by default")
+    compression: CompressionConfig | None = Field(
+        None, description="how sites compress their updates (codec fp16, int8 or topk); "
+                          "none: float32")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -277,6 +303,7 @@ class FederatedConfig(Section):
                                  "sample no task")
         check_privacy(self, topology)
         check_secure_aggregation(self, topology)
+        check_compression(self)
         return self
 
     def _check_aggregator(self, called: int, sites: int) -> None:

@@ -107,6 +107,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     driver to started on the site) and of a reply (finished on the site to seen by the driver).
     ``compute_wait_s_max``: the longest wait, inside a site's ``compute_s``, between the call
     starting and the site's compute thread getting a CPU (sites sharing a node's cores).
+    ``bytes_up`` counts what the arrived updates weighed on the wire (compressed, with
+    ``federated.compression``), ``bytes_up_ratio`` that over their float32 size.
 
     Under secure aggregation a row per participant may also have status ``aborted`` (the round
     was aborted before its call), ``bytes_up`` counts the masked inputs, and the driver adds the
@@ -129,6 +131,9 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
         "busy": outcome.count("busy"), "down": outcome.count("down"),
         "round_tasks": sum(s["num_tasks"] for s in ok),
     }
+    # what the arrived updates cost against float32 (below 1 with compression)
+    row["bytes_up_ratio"] = (row["bytes_up"] / (param_bytes * len(ok)) if ok and param_bytes
+                             else float("nan"))
     total = row["round_tasks"]
     for key in ("loss_before", "loss_after", "acc_before", "acc_after"):
         vals = [(s[key], s["num_tasks"]) for s in ok if key in s]
@@ -169,6 +174,8 @@ def federated_summary(rows: list[dict], site_rows: list[dict], personal: list[di
         "local_steps": fed.local_steps, "aggregator": fed.aggregator.model_dump(mode="json"),
         "secure_aggregation": (None if fed.secure_aggregation is None
                                else fed.secure_aggregation.model_dump(mode="json")),
+        "compression": (None if fed.compression is None
+                        else fed.compression.model_dump(mode="json")),
         "site_fraction": fed.site_fraction, "quorum": fed.quorum,
         "rounds": len(df), "skipped_rounds": int(df["skipped"].sum()) if len(df) else 0,
         "late": count("late"), "failed": count("failed"), "busy": count("busy"),

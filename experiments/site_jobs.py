@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.contract import Attack, LocalWork, SiteJob
+from actors.contract import Attack, Compression, LocalWork, SiteJob
 from cluster.topology import Site, Topology
 from experiments import dp, secagg
 from experiments.config import ConfigError, ExperimentConfig, FederatedConfig
@@ -53,8 +53,20 @@ def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Map
                             devices=devices[s.name], seed=cfg.seed,
                             compute_nice=s.compute_nice, delay_s=s.delay_s,
                             fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology),
-                            privacy=privacy, secagg=masking[s.name])
+                            privacy=privacy, secagg=masking[s.name],
+                            compression=site_compression(fed))
             for s in topology.sites}
+
+
+def site_compression(fed: FederatedConfig) -> Compression | None:
+    """``federated.compression`` as a site is told it: every value resolved."""
+    comp = fed.compression
+    if comp is None:
+        return None
+    values = comp.model_dump()
+    return Compression(codec=comp.codec, block=int(values.get("block", 0)),
+                       fraction=float(values.get("fraction", 0.0)),
+                       error_feedback=bool(values.get("error_feedback", False)))
 
 
 def site_attack(site: Site, fed: FederatedConfig, topology: Topology) -> Attack | None:

@@ -101,8 +101,10 @@ def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
         fields = {f.name for m in (result, result.timings) for f in dataclasses.fields(m)}
         assert fields - {"timings"} == {"site", "round", "kind", "update", "num_tasks",
                                         "metrics", "compute_s", "compute_wait_s", "started_at",
-                                        "finished_at", "device_ids", "clip_vote", "masked"}
+                                        "finished_at", "device_ids", "clip_vote", "masked",
+                                        "encoded"}
         assert result.masked is None  # masked inputs only under secure aggregation
+        assert result.encoded is None  # compressed updates only under compression
         assert result.update.shape == (layout.numel,)
         assert result.update.dtype == np.float32
         assert result.num_tasks == 3 and list(result.device_ids) == [0, 1]
