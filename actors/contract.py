@@ -46,12 +46,16 @@ class LocalWork:
     ``steps == 1``: the algorithm's own update (a meta-gradient for MAML and its kin) on
     ``tasks_per_step`` fresh tasks. ``steps > 1``: that many local meta-steps with
     ``optimizer`` at ``lr``, and the reply is the parameter delta (FedOpt).
+    ``time_budget_s``: None, or the round's time for local work: the site takes as many
+    meta-steps as fit (at least one, at most ``steps``), replies a delta and says how many
+    (``RoundReply.local_steps``).
     """
 
     steps: int
     lr: float
     optimizer: Literal["sgd", "adam"]
     tasks_per_step: int
+    time_budget_s: float | None
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,34 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class SiteConditions:
+    """How fast, how well connected and how often reachable a site is (the topology's
+    ``speed``, ``bandwidth_mbps``, ``availability``): behaviour of the site, acted out by it.
+
+    ``speed``: after compute that took ``t`` seconds the site idles ``t (1/speed - 1)`` (1: no
+    idling). ``bandwidth_bytes_s``: receiving the parameters and sending the update each take
+    bytes / this (simulated: the site waits that long); None: no delay. ``mean_on_s`` /
+    ``mean_off_s``: its seeded on/off schedule (:class:`metalearn.availability.OnOffSchedule`);
+    0 when always on.
+    """
+
+    speed: float
+    bandwidth_bytes_s: float | None
+    mean_on_s: float
+    mean_off_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.speed <= 1:
+            raise ValueError(f"speed must be in (0, 1], got {self.speed}")
+        if self.bandwidth_bytes_s is not None and self.bandwidth_bytes_s <= 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth_bytes_s}")
+
+    @property
+    def comes_and_goes(self) -> bool:
+        return self.mean_on_s > 0 and self.mean_off_s > 0
+
+
+@dataclass(frozen=True)
 class SiteJob:
     """Everything a site needs to take part in a run; sent once, when its actor starts.
 
@@ -189,6 +221,7 @@ class SiteJob:
         secagg: how the site masks its update (``federated.secure_aggregation``), or None.
         compression: how the site compresses its update (``federated.compression``), or None
             (float32).
+        conditions: its speed, link and availability (from the topology).
     """
 
     site: str
@@ -204,6 +237,7 @@ class SiteJob:
     privacy: SitePrivacy | None
     secagg: SecAggJob | None
     compression: Compression | None
+    conditions: SiteConditions
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -223,6 +257,8 @@ class RoundTimings:
     compute_wait_s: float  # inside compute_s: waiting for the site's compute thread
     started_at: float
     finished_at: float
+    idle_s: float  # inside compute_s: the duty cycle's idling (a site of speed < 1)
+    network_s: float  # inside compute_s: the simulated transfers (a site with a bandwidth)
 
 
 @dataclass(frozen=True)
@@ -253,6 +289,7 @@ class RoundReply:
     clip_vote: float | None
     masked: MaskedInput | None
     encoded: Encoded | None
+    local_steps: int  # the local meta-steps behind the update (1 for a gradient)
 
     @property
     def bytes_up(self) -> int:

@@ -34,6 +34,12 @@ leaves (``RoundReply.encoded``); with error feedback the site keeps what the cod
 and adds it to its next update (the residual travels in :meth:`EdgeNode.sampler_state`, so a
 checkpoint holds it; a restarted actor starts with none).
 
+Site conditions (the job's ``conditions``, from the topology): a site of ``speed`` v idles
+``t (1/v - 1)`` after each piece of compute that took ``t`` (a duty cycle: 4x slower at any
+work for v = 0.25, and a local-work time budget sees it); with a bandwidth, receiving the
+parameters and sending the update each wait ``bytes / bandwidth``; with an availability
+schedule, a call past the end of the site's on period raises :class:`SiteLeft`, mid-round too.
+
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
 test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
@@ -72,6 +78,7 @@ from actors.contract import (
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
+from metalearn.availability import OnOffSchedule
 from metalearn.compression import (
     Encoded,
     ErrorFeedback,
@@ -112,6 +119,8 @@ _POLL_S = 0.02  # how often an injected delay looks for a cancellation
 
 def _cancelled() -> bool:
     """True when the driver gave up on the running call (``ray.cancel`` on a late round)."""
+    if not ray.is_initialized():  # plain-object use: asking would start a Ray instance
+        return False
     try:
         return bool(ray.get_runtime_context().is_canceled())
     except Exception:  # outside an actor task (plain-object use in tests)
@@ -131,6 +140,11 @@ def _thread_nice() -> int | None:
 
 class RoundCancelled(RuntimeError):
     """The driver cancelled a round that was past its deadline; its result is moot."""
+
+
+class SiteLeft(RuntimeError):
+    """The site's on period ended (its availability schedule) before its round did: it left
+    mid-round, and the cloud treats it as a failed site for that round."""
 
 
 class SecAggClientLost(RuntimeError):
@@ -168,6 +182,13 @@ class EdgeNode:
         self.last_round = 0
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
         self.feedback = ErrorFeedback()  # what a biased codec left out (compression)
+        conditions = job.conditions
+        self.schedule = (OnOffSchedule(job.seed, job.site, conditions.mean_on_s,
+                                       conditions.mean_off_s)
+                         if conditions.comes_and_goes else None)
+        self._call_clock: tuple[float, float] | None = None  # (run clock, perf_counter) at call
+        self._leaves_at: float | None = None
+        self._idle_s = self._network_s = self._paced_s = 0.0
         t0 = time.perf_counter()
         data = job.learner["data"]
         if data["dataset"] == "omniglot":  # load now: round 1 times compute only
@@ -211,18 +232,23 @@ class EdgeNode:
 
     def round(self, params: np.ndarray | Params, round_idx: int,
               device_ids: Sequence[int] | None = None, clip_norm: float | None = None,
-              delivery: ShareDelivery | None = None) -> RoundReply:
+              delivery: ShareDelivery | None = None,
+              run_clock_s: float | None = None) -> RoundReply:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
         as a dict. ``device_ids``: the devices taking part (default: all of the site's).
         ``clip_norm``: this round's clipping bound under privacy (adaptive clipping moves it;
         default: the job's). ``delivery``: under secure aggregation, the shares the cloud
-        routed to this site (required then): the update goes back masked.
+        routed to this site (required then): the update goes back masked. ``run_clock_s``: the
+        run's clock when the call was sent, for a site that comes and goes (it leaves, raising
+        :class:`SiteLeft`, once its on period ends, even mid-round).
         """
         started_at, t0 = time.time(), time.perf_counter()
         if self.job.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
+        self._begin_call(run_clock_s, t0)
+        self._transfer(params.nbytes if isinstance(params, np.ndarray) else 0)
         client = None
         if self.job.secagg is not None:
             if delivery is None:
@@ -234,10 +260,12 @@ class EdgeNode:
         submitted = time.perf_counter()
         vote = None
         if self.job.privacy is None:
-            update, flat, began = self._computed(self._local_update, params, round_idx, devices)
+            update, flat, began = self._computed(self._paced, self._local_update, params,
+                                                 round_idx, devices)
         else:
-            update, flat, vote, began = self._computed(self._private_update, self.job.privacy,
-                                                       params, round_idx, devices, clip_norm)
+            update, flat, vote, began = self._computed(self._paced, self._private_update,
+                                                       self.job.privacy, params, round_idx,
+                                                       devices, clip_norm)
         masked = None
         if client is not None and delivery is not None:
             masked = self._computed(self._masked, client, flat, delivery)
@@ -246,17 +274,21 @@ class EdgeNode:
         if self.job.compression is not None:
             encoded = self._computed(self._encoded, self.job.compression, flat, round_idx)
             flat = np.zeros(0, dtype=np.float32)  # only the compressed form leaves
+        sent = masked if masked is not None else encoded  # what goes up instead of ``flat``
+        self._transfer(flat.nbytes if sent is None else sent.nbytes)
         self._injected_delay()
+        self._still_here()
         self.rounds_done += 1
         self.last_round = int(round_idx)
         timings = RoundTimings(compute_s=time.perf_counter() - t0,
                                compute_wait_s=began - submitted, started_at=started_at,
-                               finished_at=time.time())
+                               finished_at=time.time(), idle_s=self._idle_s,
+                               network_s=self._network_s)
         return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
                           timings=timings, device_ids=tuple(devices), clip_vote=vote,
-                          masked=masked, encoded=encoded)
+                          masked=masked, encoded=encoded, local_steps=int(update.local_steps))
 
     def _encoded(self, spec: Compression, flat: np.ndarray, round_idx: int) -> Encoded:
         """The update compressed as the job says (after clipping, noise and any attack: what
@@ -348,7 +380,7 @@ class EdgeNode:
     def _honest_update(self, params: Params, sample: SampleTasks) -> MetaUpdate:
         work = self.job.local
         return local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
-                            work.lr, work.optimizer)
+                            work.lr, work.optimizer, work.time_budget_s, after_step=self._pace)
 
     def _poisoned(self, attack: Attack, flat: np.ndarray, params: Params, sample: SampleTasks,
                   round_idx: int) -> np.ndarray:
@@ -389,7 +421,8 @@ class EdgeNode:
                                                                  len(devices)), strict=True)]
                   if dp.unit == "device" else [(devices, work.tasks_per_step)])
         updates = [local_update(self.algorithm, params, self.tasks.round_sampler(group, round_idx),
-                                n, work.steps, work.lr, work.optimizer)
+                                n, work.steps, work.lr, work.optimizer, work.time_budget_s,
+                                after_step=self._pace)
                    for group, n in groups if n > 0]
         bound = dp.clip_norm if clip_norm is None else float(clip_norm)
         release = release_at_site([self.layout.concat(u.tensors, "update") for u in updates],
@@ -397,9 +430,76 @@ class EdgeNode:
                                   dp.vote_noise_std_share, GaussianNoise(dp.seed), self.site,
                                   round_idx)
         metrics = mean_metrics([u.metrics for u in updates]) if dp.keep_metrics else {}
-        summed = MetaUpdate(updates[0].kind, {}, sum(u.num_tasks for u in updates), metrics)
+        summed = MetaUpdate(updates[0].kind, {}, sum(u.num_tasks for u in updates), metrics,
+                            local_steps=max(u.local_steps for u in updates))
         flat = release.vector.to(torch.float32).numpy()
         return summed, flat, (release.vote if dp.report_votes else None), began
+
+    # ------------------------------------------------------------------ site conditions
+
+    def _begin_call(self, run_clock_s: float | None, t0: float) -> None:
+        """Start a call's bookkeeping of idling, transfers and the run's clock; a site that is
+        away at the call's start leaves at once."""
+        self._idle_s = self._network_s = 0.0
+        self._call_clock = None if run_clock_s is None else (float(run_clock_s), t0)
+        self._leaves_at = None
+        if self.schedule is not None and self._call_clock is not None:
+            self._leaves_at = self.schedule.on_until(self._call_clock[0])
+            self._still_here()
+
+    def _now(self) -> float | None:
+        """The run's clock now, as this site reckons it (None when the call brought none)."""
+        if self._call_clock is None:
+            return None
+        at, t0 = self._call_clock
+        return at + (time.perf_counter() - t0)
+
+    def _still_here(self) -> None:
+        """Raise :class:`SiteLeft` once the run's clock is past the site's on period."""
+        now = self._now()
+        if self._leaves_at is not None and now is not None and now >= self._leaves_at:
+            raise SiteLeft(f"{self.site} left at {self._leaves_at:.2f} s of the run (its "
+                           f"availability schedule); now {now:.2f} s")
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` in short slices, leaving (or stopping when cancelled) meanwhile."""
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            self._still_here()
+            if _cancelled():
+                raise RoundCancelled(f"{self.site}: round cancelled by the driver")
+            time.sleep(min(_POLL_S, left))
+        self._still_here()
+
+    def _pace(self, work_s: float) -> None:
+        """The duty cycle, after each piece of compute: a site of speed ``v`` idles
+        ``work_s (1/v - 1)``, so it takes ``1/v`` times as long as its node would at any work
+        (it runs inside the local-work clock, so a time budget sees it)."""
+        speed = self.job.conditions.speed
+        self._paced_s += work_s
+        idle = work_s * (1.0 / speed - 1.0)
+        if idle > 0:
+            self._idle_s += idle
+            self._wait(idle)
+        else:
+            self._still_here()
+
+    def _paced(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` under the duty cycle: its local meta-steps pace themselves (inside a
+        time budget's clock), and the rest of its compute (unpacking, packing, clipping) is
+        paced when it returns, so the whole of it takes ``1/speed`` times as long."""
+        self._paced_s = 0.0
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self._pace(max(0.0, time.perf_counter() - t0 - self._idle_s - self._paced_s))
+        return out
+
+    def _transfer(self, nbytes: int) -> None:
+        """A simulated transfer over the site's link: ``nbytes / bandwidth`` seconds."""
+        bandwidth = self.job.conditions.bandwidth_bytes_s
+        if bandwidth is not None and nbytes > 0:
+            self._network_s += nbytes / bandwidth
+            self._wait(nbytes / bandwidth)
 
     def _injected_delay(self) -> None:
         end = time.perf_counter() + self.job.delay_s

@@ -154,11 +154,14 @@ class Federation:
 
     def run_round(self, params_ref: Any, round_idx: int, participants: Mapping[str, list[int]],
                   deadline_s: float | None, clip_norm: float | None = None,
-                  deliveries: Mapping[str, ShareDelivery] | None = None) -> RoundOutcome:
+                  deliveries: Mapping[str, ShareDelivery] | None = None,
+                  run_clock_s: float | None = None) -> RoundOutcome:
         """Call each participant with its devices, wait until all replied or the deadline.
         ``clip_norm``: the round's clipping bound under privacy (None: the sites' own).
         ``deliveries``: under secure aggregation, the shares routed to each participant; the
-        replies then bring masked inputs (``RoundOutcome.masked``), never updates."""
+        replies then bring masked inputs (``RoundOutcome.masked``), never updates.
+        ``run_clock_s``: the run's clock now, for sites that come and go (they leave when
+        their on period ends)."""
         out = RoundOutcome()
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
@@ -170,8 +173,9 @@ class Federation:
                 continue
             sent_at[site] = time.time()
             extra = () if deliveries is None else (deliveries[site],)
+            clock = {} if run_clock_s is None else {"run_clock_s": run_clock_s}
             refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices,
-                                                       clip_norm, *extra)
+                                                       clip_norm, *extra, **clock)
         arrived: dict[str, FlatUpdate | MaskedInput] = {}
 
         def read(site: str, ref: Any, arrived_at: float) -> None:
@@ -281,12 +285,15 @@ class Federation:
                           "dispatch_s": t.started_at - sent_at,  # the call's delivery
                           "reply_s": arrived_at - t.finished_at,  # and its reply
                           "num_tasks": reply.num_tasks, "bytes_up": reply.bytes_up,
+                          "local_steps": reply.local_steps, "idle_s": t.idle_s,
+                          "network_s": t.network_s,
                           **({} if reply.clip_vote is None else {"clip_vote": reply.clip_vote}),
                           **reply.metrics})
         if reply.masked is not None:
             return reply.masked
         vector = reply.update if reply.encoded is None else decode(reply.encoded)
-        return FlatUpdate(reply.kind, self.layout.vector(vector), reply.num_tasks)
+        return FlatUpdate(reply.kind, self.layout.vector(vector), reply.num_tasks,
+                          reply.local_steps)
 
     def _busy(self, site: str) -> bool:
         if site not in self.pending:

@@ -251,6 +251,9 @@ class FederatedConfig(Section):
                                                   "meta-steps, parameter deltas")
     local_lr: float = Field(1e-3, gt=0, description="step size of local meta-steps (E > 1)")
     local_optimizer: Literal["sgd", "adam"] = "sgd"
+    local_time_budget_s: float | None = Field(
+        None, gt=0, description="seconds of local work a round: each site takes as many "
+                                "local meta-steps as fit (at least 1, at most local_steps)")
     site_fraction: float = Field(1.0, gt=0, le=1, description="share of sites called per round")
     devices_per_site: int | None = Field(
         None, ge=1, description="virtual clients per site; default: the topology's devices")
@@ -304,7 +307,29 @@ class FederatedConfig(Section):
         check_privacy(self, topology)
         check_secure_aggregation(self, topology)
         check_compression(self)
+        self._check_local_work()
         return self
+
+    def _check_local_work(self) -> None:
+        """A time budget sizes local work between 1 and ``local_steps`` steps; FedNova
+        normalises plain local SGD; availability schedules do not compose with privacy."""
+        if self.local_time_budget_s is not None and self.local_steps < 2:
+            raise ValueError(
+                f"local_time_budget_s {self.local_time_budget_s} with local_steps 1 changes "
+                "nothing: local_steps is the most local meta-steps a site takes within the "
+                "budget; set it above 1")
+        comes_and_goes = [s.name for s in self.resolved_topology().sites
+                          if s.availability is not None]
+        if comes_and_goes and self.privacy is not None:
+            raise ValueError(
+                f"sites {comes_and_goes} have an availability schedule, and federated.privacy "
+                "accounts each round as a random sample of the sites it chose; a site's "
+                "absence follows its schedule instead, which the accountant does not model: "
+                "drop availability or privacy")
+        if self.aggregator.name == "fednova" and self.local_optimizer != "sgd":
+            raise ValueError(
+                "aggregator fednova normalises by the local step count, which is exact for "
+                f"plain local SGD only; set local_optimizer: sgd (got {self.local_optimizer})")
 
     def _check_aggregator(self, called: int, sites: int) -> None:
         """The rule must be able to combine every round it is given: any count of arrived

@@ -29,6 +29,10 @@ Decisions worth knowing:
   adds three key exchanges around the round call (:mod:`actors.secure_round`); each site clips
   and masks its update, and the cloud unmasks only the sum of those that arrived (a site that
   drops after sharing its keys is left out exactly). Too few sites at a step skips the round.
+* **Heterogeneous sites** (the topology's ``speed``, ``bandwidth_mbps``, ``availability``;
+  ``local_time_budget_s``; ``compression``): the sites act them out (:mod:`actors.edge`); the
+  driver asks only the sites its copy of their availability schedules says are on at the
+  round's start (the rest are ``away``), and one that leaves mid-round fails its call.
 * **Exact resume.** Tasks are seeded by ``(seed, site, device, round)`` and participants by
   ``(seed, round)``; the checkpoint holds meta-parameters, optimizer and aggregator state. A
   run stopped after round r and resumed ends where an uninterrupted run ends.
@@ -41,7 +45,7 @@ import gc
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +84,7 @@ from experiments.site_jobs import (
 )
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
+from metalearn.availability import OnOffSchedule
 from metalearn.checkpoint import save_checkpoint
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
@@ -178,7 +183,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
 
         for round_idx in loop.steps(save=checkpoint):
             t0 = time.perf_counter()
-            row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed)
+            row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed,
+                                      clock_s=loop.elapsed_s)
             cloud.missed = cloud.missed + 1 if row["skipped"] else 0
             row["time_s"] = loop.count(time.perf_counter() - t0)
             cloud.site_log.extend({"round": round_idx, **s} for s in outcome.sites)
@@ -203,18 +209,25 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
 
 
 def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapping[str, int],
-               seed: int) -> tuple[dict[str, Any], RoundOutcome]:
-    """One round: participants, parameters out, replies in, aggregate, outer step; its row."""
+               seed: int, clock_s: float = 0.0) -> tuple[dict[str, Any], RoundOutcome]:
+    """One round: participants, parameters out, replies in, aggregate, outer step; its row.
+    ``clock_s``: the run's clock at the round's start (counted training time), against which
+    sites that come and go are available or away."""
     t0 = time.perf_counter()
-    participants = choose_participants(list(devices), devices, fed, seed, round_idx)
+    present = [s for s in devices if s not in cloud.schedules or cloud.schedules[s].is_on(clock_s)]
+    participants = (choose_participants(present, devices, fed, seed, round_idx) if present
+                    else {})
     params_ref = broadcast(cloud.outer.flat_params().to(torch.float32).numpy(),
                            len(participants))
     t_sent = time.perf_counter()
     clip = None if cloud.privacy is None else cloud.privacy.clip_norm
     secure = None
     if cloud.secagg is None:
-        outcome = cloud.federation.run_round(params_ref, round_idx, participants,
-                                             fed.deadline_s, clip)
+        outcome = cloud.federation.run_round(
+            params_ref, round_idx, participants, fed.deadline_s, clip,
+            run_clock_s=clock_s + (time.perf_counter() - t0) if cloud.schedules else None)
+        outcome.sites.extend({"site": s, "status": "away"} for s in devices if s not in present)
+        outcome.sites.sort(key=lambda r: r["site"])
         skipped = len(outcome.updates) < fed.quorum
     else:
         secure = cloud.secagg.round(cloud.federation, round_idx, participants, params_ref, clip)
@@ -273,6 +286,7 @@ class Cloud:
     missed: int = 0
     privacy: dp.CloudPrivacy | None = None
     secagg: secagg.CloudSecAgg | None = None
+    schedules: dict[str, OnOffSchedule] = field(default_factory=dict)  # sites that come and go
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
@@ -293,7 +307,10 @@ class Cloud:
             {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
         return cls(outer, fed.aggregator.build(), federation, topology,
                    RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), privacy=privacy,
-                   secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel))
+                   secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel),
+                   schedules={s.name: OnOffSchedule(cfg.seed, s.name, s.availability.mean_on_s,
+                                                    s.availability.mean_off_s)
+                              for s in topology.sites if s.availability is not None})
 
     def state(self) -> dict[str, Any]:
         return {"outer": self.outer.state_dict(), "params": self.outer.params,

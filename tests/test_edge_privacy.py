@@ -102,7 +102,7 @@ def test_everything_an_edge_returns_is_parameter_shaped_or_scalar(ray_cluster,
         assert fields - {"timings"} == {"site", "round", "kind", "update", "num_tasks",
                                         "metrics", "compute_s", "compute_wait_s", "started_at",
                                         "finished_at", "device_ids", "clip_vote", "masked",
-                                        "encoded"}
+                                        "encoded", "local_steps", "idle_s", "network_s"}
         assert result.masked is None  # masked inputs only under secure aggregation
         assert result.encoded is None  # compressed updates only under compression
         assert result.update.shape == (layout.numel,)

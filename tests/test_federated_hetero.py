@@ -9,17 +9,25 @@ The module starts ``ray.cluster_utils.Cluster`` (see ``tests/helpers.py``): a he
 from __future__ import annotations
 
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import ray
 import torch
 from helpers import multi_node_cluster
 
+from actors.edge import spawn_edge
 from experiments.config import ConfigError, ExperimentConfig, parse_config
 from experiments.federated import train_federated
+from experiments.site_jobs import site_jobs
+from metalearn.availability import OnOffSchedule
 from metalearn.checkpoint import checkpoint_dir, checkpoint_path, load_checkpoint
+from metalearn.from_config import algorithm_from_config
+from metalearn.params import FlatLayout
+from metalearn.sites import plan_sites
 
 SITES = [f"site-{i}" for i in range(3)]
 PARAMS = 1 * 20 + 20 + 20 * 20 + 20 + 20 * 1 + 1  # sinusoid_mlp, hidden 20
@@ -109,3 +117,74 @@ def test_topk_with_error_feedback_sends_k_values_and_resumes_exactly(cluster,
     assert all(s["residual"].abs().sum() > 0 for s in state["sites"].values())
     assert same_params(whole, resumed)
     assert tables(resumed)[0]["round"].tolist() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- heterogeneous sites
+
+def test_a_quarter_speed_site_is_four_times_slower_at_the_same_work(cluster,
+                                                                   tmp_path: Path) -> None:
+    """Two real edge actors, on their own raylets, given the same work (5 local meta-steps on
+    as many tasks of the same shape), one at speed 1 and one at 0.25; they run one at a time.
+    The slow one takes about 4x as long, and a transfer over a 1 Mbit/s link takes
+    bytes / bandwidth."""
+    sites = [{"name": "site-0"}, {"name": "site-1", "speed": 0.25, "bandwidth_mbps": 1.0},
+             {"name": "site-2"}]
+    cfg = config(tmp_path, "speed", sites=sites, local_steps=5, local_lr=0.01)
+    topology = cfg.federated.resolved_topology()
+    spec = cfg.to_dict()
+    plans = ray.get(ray.remote(plan_sites).remote(spec["data"], topology.site_names, 1))
+    jobs = site_jobs(cfg, topology, plans, dict.fromkeys(topology.site_names, 1), 4)
+    edges = {s: spawn_edge(jobs[s], 1.0) for s in ("site-0", "site-1")}
+    try:
+        flat = FlatLayout.of(algorithm_from_config(spec).init_params()).pack(
+            algorithm_from_config(spec).init_params())
+        took: dict[str, list[float]] = {"site-0": [], "site-1": []}
+        for r in range(1, 4):
+            for site, edge in edges.items():
+                reply = ray.get(edge.round.remote(flat, r, [0]))
+                t = reply.timings
+                took[site].append(t.compute_s - t.network_s)
+                if site == "site-1":
+                    assert t.network_s == pytest.approx((flat.nbytes + reply.bytes_up) * 8 / 1e6)
+                    # the duty cycle idled three times the work it followed
+                    work = t.compute_s - t.network_s - t.idle_s
+                    assert t.idle_s == pytest.approx(3 * work, rel=0.2)
+        ratio = statistics.median(took["site-1"]) / statistics.median(took["site-0"])
+        assert 2.8 < ratio < 5.5, (ratio, took)
+    finally:
+        for edge in edges.values():
+            ray.kill(edge)
+
+
+def test_budgeted_work_fednova_bandwidth_and_availability_in_one_run(cluster,
+                                                                    tmp_path: Path) -> None:
+    """A 0.3 s local-work budget: the quarter-speed site takes fewer local steps than the fast
+    one, FedNova aggregates the unequal work, a slow link adds bytes / bandwidth, and a site
+    that comes and goes is asked only while on (its on period of [0, 0.31) s of the run's clock
+    ends inside round 1: it leaves mid-round, a failed call). Stopped after round 3 and
+    resumed: every round once, the run's clock (and so the schedule) continued."""
+    sites = [{"name": "site-0"}, {"name": "site-1", "speed": 0.25},
+             {"name": "site-2", "bandwidth_mbps": 0.5,
+              "availability": {"mean_on_s": 1.0, "mean_off_s": 1.0}}]
+    work = {"local_steps": 30, "local_lr": 0.01, "local_time_budget_s": 0.3,
+            "aggregator": {"name": "fednova"}}
+    whole, resumed = whole_then_resumed(tmp_path, "budget", rounds=5, resume_from=3,
+                                        sites=sites, **work)
+    for cfg in (whole, resumed):
+        rounds, rows = tables(cfg)
+        assert rounds["round"].tolist() == [1, 2, 3, 4, 5] and not rounds["skipped"].any()
+        steps = rows[rows["status"] == "ok"].groupby("site")["local_steps"].mean()
+        assert (rows[rows["status"] == "ok"]["local_steps"] >= 1).all()
+        assert steps["site-1"] < steps["site-0"], steps
+        assert (rounds["local_steps_min"] <= rounds["local_steps_max"]).all()
+
+        # site-2: asked exactly when its schedule says it is on at the round's start
+        schedule = OnOffSchedule(5, "site-2", 1.0, 1.0)
+        starts = [0.0, *rounds["time_s"].tolist()[:-1]]
+        site2 = rows[rows["site"] == "site-2"].set_index("round")
+        for r, start in zip(rounds["round"], starts, strict=True):
+            assert (site2.loc[r, "status"] == "away") == (not schedule.is_on(start)), (r, start)
+        assert site2.loc[1, "status"] == "failed", rows[rows["round"] == 1].to_dict("records")
+        assert "SiteLeft" in site2.loc[1, "error"]
+        assert (rounds["away"] >= 1).sum() >= 2
+    assert len(tables(resumed)[1]) == len(tables(resumed)[1].drop_duplicates(["round", "site"]))
