@@ -226,6 +226,22 @@ class Federation:
         out.wall_s = time.perf_counter() - t0
         return out
 
+    def call(self, site: str, params_ref: Any, call_id: int, devices: list[int],
+             run_clock_s: float | None = None) -> Any | None:
+        """One round call to ``site`` on its own (asynchronous rounds): its ref, or None when
+        the site is busy or down. ``call_id`` is the round index the site samples tasks for."""
+        if self._unavailable(site) is not None:
+            return None
+        clock = {} if run_clock_s is None else {"run_clock_s": run_clock_s}
+        return self.edges[site].round.remote(params_ref, call_id, devices, None, **clock)
+
+    def read(self, site: str, ref: Any, call_id: int, devices: int, out: RoundOutcome,
+             sent_at: float) -> FlatUpdate | None:
+        """Record a finished :meth:`call` in ``out.sites``; its decoded update, if it brought
+        one (the same bookkeeping as a round's replies: failures, gone actors)."""
+        got = self._read(site, ref, call_id, devices, out, sent_at, time.time())
+        return got if isinstance(got, FlatUpdate) else None
+
     def _unavailable(self, site: str) -> dict[str, Any] | None:
         """The row of a site that cannot be called now (busy with a late call, or down)."""
         if self._busy(site):

@@ -278,6 +278,10 @@ class FederatedConfig(Section):
                                           "privacy (DP-FedAvg); none by default")
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="mask the updates: the cloud learns only their sum; none by default")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds; async: FedBuff, sites train continuously and the "
+                            "cloud applies an update every buffer_size results")
+    buffer_size: int = Field(2, ge=1, description="async: results per applied update (K)")
     compression: CompressionConfig | None = Field(
         None, description="how sites compress their updates (codec fp16, int8 or topk); "
                           "none: float32")
@@ -326,6 +330,8 @@ class FederatedConfig(Section):
                 "accounts each round as a random sample of the sites it chose; a site's "
                 "absence follows its schedule instead, which the accountant does not model: "
                 "drop availability or privacy")
+        if self.mode == "async":
+            self._check_async(len(self.resolved_topology().sites))
         if self.aggregator.name == "fednova" and self.local_optimizer != "sgd":
             raise ValueError(
                 "aggregator fednova normalises by the local step count, which is exact for "
@@ -345,6 +351,23 @@ class FederatedConfig(Section):
                              f"{self.quorum} be aggregated: set quorum >= {need}{calls}")
         if self.secure_aggregation is not None and rule.needs_individual_updates:
             raise ValueError(secure_rule_refusal(self.aggregator.name))
+
+    def _check_async(self, sites: int) -> None:
+        """What asynchronous rounds (FedBuff) cannot run with, each with its reason."""
+        if self.buffer_size > sites:
+            raise ValueError(f"buffer_size {self.buffer_size} exceeds the {sites} sites: at most "
+                             "one result per site is in flight, so the buffer could never fill")
+        for name, why in (
+                ("privacy", "its accountant counts rounds of sampled sites, and an "
+                            "asynchronous update has neither"),
+                ("secure_aggregation", "masks cancel only in the sum of one round's cohort, "
+                                       "and asynchronous results arrive one by one")):
+            if getattr(self, name) is not None:
+                raise ValueError(f"federated.mode async cannot run with federated.{name}: {why}")
+        if self.aggregator.name != "weighted_mean":
+            raise ValueError(
+                f"federated.mode async aggregates with FedBuff's staleness-weighted mean; leave "
+                f"aggregator at weighted_mean (got {self.aggregator.name!r})")
 
     def _check_attacks(self, topology: Any, called: int) -> None:
         """Attacks whose parameters cannot work with this federation."""

@@ -33,6 +33,8 @@ Decisions worth knowing:
   ``local_time_budget_s``; ``compression``): the sites act them out (:mod:`actors.edge`); the
   driver asks only the sites its copy of their availability schedules says are on at the
   round's start (the rest are ``away``), and one that leaves mid-round fails its call.
+* **Asynchronous rounds** (``federated.mode: async``, :mod:`experiments.buffered`): FedBuff;
+  a step is an applied update of ``buffer_size`` staleness-weighted results.
 * **Exact resume.** Tasks are seeded by ``(seed, site, device, round)`` and participants by
   ``(seed, round)``; the checkpoint holds meta-parameters, optimizer and aggregator state. A
   run stopped after round r and resumed ends where an uninterrupted run ends.
@@ -59,6 +61,7 @@ from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Topology
 from experiments import dp, secagg
+from experiments.buffered import train_buffered
 from experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -125,7 +128,8 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"federated {cfg.algorithm.name} on {cfg.data.dataset}: {len(devices)} sites, "
              f"{per_site} tasks per site, {fed.local_steps} local step(s), "
              f"{cfg.train.steps} rounds -> {cfg.run_dir}")
-        loop = _train_rounds(cfg, cloud, log, devices, resume, echo)
+        rounds = _train_rounds if fed.mode == "sync" else train_buffered
+        loop = rounds(cfg, cloud, log, devices, resume, echo)
         if loop.stopped_by:
             return loop.stopped_summary(cfg.name)
 
@@ -312,10 +316,13 @@ class Cloud:
                                                     s.availability.mean_off_s)
                               for s in topology.sites if s.availability is not None})
 
-    def state(self) -> dict[str, Any]:
+    def state(self, with_sites: bool = True) -> dict[str, Any]:
+        """What a checkpoint keeps; ``with_sites``: the sites' sampler states too (not in
+        asynchronous runs, whose sites are always mid-call)."""
+        sites = self.federation.sampler_states() if with_sites else {}
         return {"outer": self.outer.state_dict(), "params": self.outer.params,
                 "aggregator": self.aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
-                "missed": self.missed, "sites": self.federation.sampler_states(),
+                "missed": self.missed, "sites": sites,
                 **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def restore(self, state: Mapping[str, Any], round_idx: int) -> None:

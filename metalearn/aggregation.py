@@ -183,6 +183,27 @@ class FedNova(Aggregator):
         return (tau_eff * out).to(updates[0].vector.dtype)
 
 
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's discount of an update computed on parameters ``staleness`` versions old."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def buffered_mean(updates: Sequence[FlatUpdate], staleness: Sequence[int]) -> Tensor:
+    """FedBuff's server update (Nguyen et al., 2022): ``(1/K) sum_i u_i / sqrt(1 + s_i)`` over
+    the ``K`` buffered updates, ``s_i`` the versions applied since update ``i``'s parameters
+    were sent. Dividing by ``K`` (not by the weights' sum) lets stale updates move the model
+    less, not merely count less against fresh ones."""
+    check_updates(updates)
+    if len(staleness) != len(updates):
+        raise ValueError(f"{len(updates)} updates, {len(staleness)} staleness values")
+    out = torch.zeros_like(updates[0].vector, dtype=torch.float64)
+    for u, s in zip(updates, staleness, strict=True):  # in the given order: reproducible
+        out += staleness_weight(s) * u.vector.detach().double()
+    return (out / len(updates)).to(updates[0].vector.dtype)
+
+
 class CoordinateMedian(Aggregator):
     """The median of every coordinate across updates (the mean of the two middle values when
     the count is even, so two sites give their mean rather than the smaller one)."""

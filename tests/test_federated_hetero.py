@@ -188,3 +188,40 @@ def test_budgeted_work_fednova_bandwidth_and_availability_in_one_run(cluster,
         assert "SiteLeft" in site2.loc[1, "error"]
         assert (rounds["away"] >= 1).sum() >= 2
     assert len(tables(resumed)[1]) == len(tables(resumed)[1].drop_duplicates(["round", "site"]))
+
+
+# --------------------------------------------------------------------------- asynchronous rounds
+
+def test_async_rounds_apply_every_k_results_weighted_by_staleness_and_resume(
+        cluster, tmp_path: Path) -> None:
+    """FedBuff with K = 2 of 3 sites, one of them at quarter speed: each applied update holds
+    two results, the slow site's arrive stale (its parameters were sent before updates the
+    fast sites made), and the fast sites report more often. Stopped after update 6 and
+    resumed: the updates 1..12 are each applied once (one row, one checkpoint each), the
+    resumed run going on from the sixth's parameters."""
+    sites = [{"name": "site-0"}, {"name": "site-1", "speed": 0.25}, {"name": "site-2"}]
+    fed = {"mode": "async", "buffer_size": 2, "local_steps": 3, "local_lr": 0.01}
+    whole, resumed = whole_then_resumed(tmp_path, "async", rounds=12, resume_from=6,
+                                        sites=sites, **fed)
+    for cfg in (whole, resumed):
+        rounds, rows = tables(cfg)
+        assert rounds["round"].tolist() == list(range(1, 13))
+        assert (rounds["arrived"] == 2).all() and not rounds["skipped"].any()
+        assert set(rows["status"]) == {"ok"}
+        assert (rows["staleness"] == rows["round"] - 1 - rows["version_sent"]).all()
+        assert rounds["staleness_max"].max() >= 1
+        reports = rows.groupby("site").size()
+        assert reports.get("site-1", 0) < min(reports["site-0"], reports["site-2"]), reports
+    ckpt = load_checkpoint(resumed.run_dir)
+    assert ckpt["step"] == 12 and ckpt["calls"] >= 24
+    # the resumed run went on from round 6's parameters: its first rows are the whole run's
+    a, b = tables(whole)[0], tables(resumed)[0]
+    assert a["loss_after"].tolist()[:6] == b["loss_after"].tolist()[:6]
+    assert len(tables(resumed)[1]) == 24  # two results per applied update, none twice
+
+
+def test_async_refuses_what_cannot_be_asynchronous(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="buffer_size 4 exceeds the 3 sites"):
+        config(tmp_path, "x", mode="async", buffer_size=4)
+    with pytest.raises(ConfigError, match="async aggregates with FedBuff"):
+        config(tmp_path, "x", mode="async", aggregator={"name": "median"})

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalearn.aggregation import FedNova, FlatUpdate, WeightedMean
+from metalearn.aggregation import (
+    FedNova,
+    FlatUpdate,
+    WeightedMean,
+    buffered_mean,
+    staleness_weight,
+)
 from metalearn.algorithms.maml import MAML
 from metalearn.data.sinusoid import SinusoidTasks
 from metalearn.local_update import local_update
@@ -61,3 +67,14 @@ def test_a_time_budget_takes_the_steps_that_fit_at_least_one() -> None:
     assert run(1.0, 0.3) == 3  # 0.9 s, and a 4th would end at 1.2 s
     assert run(1.0, 2.0) == 1  # never less than one step
     assert run(100.0, 0.125, most=4) == 4  # never more than local_steps
+
+
+def test_fedbuff_discounts_each_buffered_update_by_its_staleness() -> None:
+    """K = 2: a fresh update [2, 0] and one 3 versions old [0, 4]: (1/2) ([2, 0] / sqrt(1) +
+    [0, 4] / sqrt(4)) = [1, 1]. Equal freshness is the plain mean."""
+    fresh, stale = delta([2.0, 0.0], 2, 1), delta([0.0, 4.0], 2, 1)
+    assert buffered_mean([fresh, stale], [0, 3]).tolist() == [1.0, 1.0]
+    assert buffered_mean([fresh, stale], [0, 0]).tolist() == [1.0, 2.0]
+    assert staleness_weight(8) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="staleness"):
+        buffered_mean([fresh], [0, 1])
