@@ -29,24 +29,39 @@ import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
 import torch
 
-from actors.federation import RoundOutcome
+from actors.federation import Federation, RoundOutcome
 from cluster.console import Printer
 from experiments.config import ExperimentConfig
 from experiments.loop import RunLoop
-from experiments.runlog import RunLog, round_line, round_row
+from experiments.runlog import RowTable, RunLog, round_line, round_row
 from experiments.site_jobs import federated_section
 from metalearn.aggregation import FlatUpdate, buffered_mean
+from metalearn.availability import OnOffSchedule
 from metalearn.checkpoint import save_checkpoint
+from metalearn.outer import OuterOptimizer
 from metalearn.sites import site_seed
 
-if TYPE_CHECKING:  # the driver's own Cloud, typing only (it imports this module)
-    from experiments.federated import Cloud
+
+class Cloud(Protocol):
+    """What this loop uses of :class:`experiments.federated.Cloud` (which imports this
+    module, so it is named by its shape)."""
+
+    outer: OuterOptimizer
+    federation: Federation
+    site_log: RowTable
+    param_bytes: int
+    missed: int
+    schedules: dict[str, OnOffSchedule]
+
+    def state(self, with_sites: bool = True) -> dict[str, Any]: ...
+
+    def restore(self, state: Mapping[str, Any], round_idx: int) -> None: ...
 
 
 @dataclass
