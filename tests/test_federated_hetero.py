@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
 import torch
 from helpers import multi_node_cluster
 
-from actors.edge import spawn_edge
+from actors.edge import EdgeNode, spawn_edge
 from experiments.config import ConfigError, ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from experiments.site_jobs import site_jobs
 from metalearn.availability import OnOffSchedule
 from metalearn.checkpoint import checkpoint_dir, checkpoint_path, load_checkpoint
+from metalearn.compression import decode
 from metalearn.from_config import algorithm_from_config
 from metalearn.params import FlatLayout
 from metalearn.sites import plan_sites
@@ -99,6 +102,29 @@ def test_compression_that_cannot_compose_is_refused(tmp_path: Path) -> None:
         config(tmp_path, "x", compression={"codec": "zip"})
     with pytest.raises(ConfigError, match="fraction"):
         config(tmp_path, "x", compression={"codec": "topk", "fraction": 0})
+
+
+def test_a_private_site_clips_first_then_compresses(tmp_path: Path) -> None:
+    """Under DP (central noise) the site clips its update to C, then compresses what it would
+    have sent: the int8 codes decode to the clipped update within one quantisation step."""
+    cfg = config(tmp_path, "dp-int8", compression={"codec": "int8", "block": 64},
+                 privacy={"unit": "site", "clip_norm": 0.05, "noise_multiplier": 0.8,
+                          "delta": 1e-2})
+    topology = cfg.federated.resolved_topology()
+    spec = cfg.to_dict()
+    plans = plan_sites(spec["data"], topology.site_names, cfg.seed)
+    job = site_jobs(cfg, topology, plans, dict.fromkeys(topology.site_names, 1), 2)["site-0"]
+    params = algorithm_from_config(spec).init_params()
+    flat = FlatLayout.of(params).pack(params)
+    site = EdgeNode(job)
+    compressed = site.round(flat, 1, [0])
+    site.job = replace(job, compression=None)  # the same site, the same round, uncompressed
+    clipped = site.round(flat, 1, [0]).update
+    assert compressed.update.size == 0 and compressed.encoded.codec == "int8"
+    assert compressed.bytes_up < clipped.nbytes / 3
+    assert float(np.linalg.norm(clipped)) == pytest.approx(0.05, rel=1e-4)  # it was clipped
+    step = np.repeat(compressed.encoded.scales, compressed.encoded.segments)
+    assert (np.abs(decode(compressed.encoded).numpy() - clipped) <= step + 1e-9).all()
 
 
 def test_topk_with_error_feedback_sends_k_values_and_resumes_exactly(cluster,
