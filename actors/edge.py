@@ -38,7 +38,8 @@ Site conditions (the job's ``conditions``, from the topology): a site of ``speed
 ``t (1/v - 1)`` after each piece of compute that took ``t`` (a duty cycle: 4x slower at any
 work for v = 0.25, and a local-work time budget sees it); with a bandwidth, receiving the
 parameters and sending the update each wait ``bytes / bandwidth``; with an availability
-schedule, a call past the end of the site's on period raises :class:`SiteLeft`, mid-round too.
+schedule, a call past the end of the site's on period raises
+:class:`~actors.conditions.SiteLeft`, mid-round too (:mod:`actors.conditions`).
 
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
@@ -65,6 +66,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.conditions import SiteConditionsClock
 from actors.contract import (
     Attack,
     Compression,
@@ -78,7 +80,6 @@ from actors.contract import (
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
-from metalearn.availability import OnOffSchedule
 from metalearn.compression import (
     Encoded,
     ErrorFeedback,
@@ -142,11 +143,6 @@ class RoundCancelled(RuntimeError):
     """The driver cancelled a round that was past its deadline; its result is moot."""
 
 
-class SiteLeft(RuntimeError):
-    """The site's on period ended (its availability schedule) before its round did: it left
-    mid-round, and the cloud treats it as a failed site for that round."""
-
-
 class SecAggClientLost(RuntimeError):
     """The site holds no secure-aggregation client for the round it was asked about: its actor
     restarted since it advertised keys (the keys lived in memory only), or the round is over.
@@ -182,13 +178,9 @@ class EdgeNode:
         self.last_round = 0
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
         self.feedback = ErrorFeedback()  # what a biased codec left out (compression)
-        conditions = job.conditions
-        self.schedule = (OnOffSchedule(job.seed, job.site, conditions.mean_on_s,
-                                       conditions.mean_off_s)
-                         if conditions.comes_and_goes else None)
-        self._call_clock: tuple[float, float] | None = None  # (run clock, perf_counter) at call
-        self._leaves_at: float | None = None
-        self._idle_s = self._network_s = self._paced_s = 0.0
+        self.conditions = SiteConditionsClock(
+            job.site, job.seed, job.conditions, _cancelled,
+            lambda: RoundCancelled(f"{job.site}: round cancelled by the driver"))
         t0 = time.perf_counter()
         data = job.learner["data"]
         if data["dataset"] == "omniglot":  # load now: round 1 times compute only
@@ -242,13 +234,14 @@ class EdgeNode:
         default: the job's). ``delivery``: under secure aggregation, the shares the cloud
         routed to this site (required then): the update goes back masked. ``run_clock_s``: the
         run's clock when the call was sent, for a site that comes and goes (it leaves, raising
-        :class:`SiteLeft`, once its on period ends, even mid-round).
+        :class:`~actors.conditions.SiteLeft`, once its on period ends, even mid-round).
         """
         started_at, t0 = time.time(), time.perf_counter()
         if self.job.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
-        self._begin_call(run_clock_s, t0)
-        self._transfer(params.nbytes if isinstance(params, np.ndarray) else 0)
+        conditions = self.conditions
+        conditions.begin_call(run_clock_s, t0)
+        conditions.transfer(params.nbytes if isinstance(params, np.ndarray) else 0)
         client = None
         if self.job.secagg is not None:
             if delivery is None:
@@ -260,10 +253,10 @@ class EdgeNode:
         submitted = time.perf_counter()
         vote = None
         if self.job.privacy is None:
-            update, flat, began = self._computed(self._paced, self._local_update, params,
+            update, flat, began = self._computed(conditions.paced, self._local_update, params,
                                                  round_idx, devices)
         else:
-            update, flat, vote, began = self._computed(self._paced, self._private_update,
+            update, flat, vote, began = self._computed(conditions.paced, self._private_update,
                                                        self.job.privacy, params, round_idx,
                                                        devices, clip_norm)
         masked = None
@@ -275,15 +268,15 @@ class EdgeNode:
             encoded = self._computed(self._encoded, self.job.compression, flat, round_idx)
             flat = np.zeros(0, dtype=np.float32)  # only the compressed form leaves
         sent = masked if masked is not None else encoded  # what goes up instead of ``flat``
-        self._transfer(flat.nbytes if sent is None else sent.nbytes)
+        conditions.transfer(flat.nbytes if sent is None else sent.nbytes)
         self._injected_delay()
-        self._still_here()
+        conditions.still_here()
         self.rounds_done += 1
         self.last_round = int(round_idx)
         timings = RoundTimings(compute_s=time.perf_counter() - t0,
                                compute_wait_s=began - submitted, started_at=started_at,
-                               finished_at=time.time(), idle_s=self._idle_s,
-                               network_s=self._network_s)
+                               finished_at=time.time(), idle_s=conditions.idle_s,
+                               network_s=conditions.network_s)
         return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
@@ -380,7 +373,8 @@ class EdgeNode:
     def _honest_update(self, params: Params, sample: SampleTasks) -> MetaUpdate:
         work = self.job.local
         return local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
-                            work.lr, work.optimizer, work.time_budget_s, after_step=self._pace)
+                            work.lr, work.optimizer, work.time_budget_s,
+                            after_step=self.conditions.pace)
 
     def _poisoned(self, attack: Attack, flat: np.ndarray, params: Params, sample: SampleTasks,
                   round_idx: int) -> np.ndarray:
@@ -422,7 +416,7 @@ class EdgeNode:
                   if dp.unit == "device" else [(devices, work.tasks_per_step)])
         updates = [local_update(self.algorithm, params, self.tasks.round_sampler(group, round_idx),
                                 n, work.steps, work.lr, work.optimizer, work.time_budget_s,
-                                after_step=self._pace)
+                                after_step=self.conditions.pace)
                    for group, n in groups if n > 0]
         bound = dp.clip_norm if clip_norm is None else float(clip_norm)
         release = release_at_site([self.layout.concat(u.tensors, "update") for u in updates],
@@ -434,72 +428,6 @@ class EdgeNode:
                             local_steps=max(u.local_steps for u in updates))
         flat = release.vector.to(torch.float32).numpy()
         return summed, flat, (release.vote if dp.report_votes else None), began
-
-    # ------------------------------------------------------------------ site conditions
-
-    def _begin_call(self, run_clock_s: float | None, t0: float) -> None:
-        """Start a call's bookkeeping of idling, transfers and the run's clock; a site that is
-        away at the call's start leaves at once."""
-        self._idle_s = self._network_s = 0.0
-        self._call_clock = None if run_clock_s is None else (float(run_clock_s), t0)
-        self._leaves_at = None
-        if self.schedule is not None and self._call_clock is not None:
-            self._leaves_at = self.schedule.on_until(self._call_clock[0])
-            self._still_here()
-
-    def _now(self) -> float | None:
-        """The run's clock now, as this site reckons it (None when the call brought none)."""
-        if self._call_clock is None:
-            return None
-        at, t0 = self._call_clock
-        return at + (time.perf_counter() - t0)
-
-    def _still_here(self) -> None:
-        """Raise :class:`SiteLeft` once the run's clock is past the site's on period."""
-        now = self._now()
-        if self._leaves_at is not None and now is not None and now >= self._leaves_at:
-            raise SiteLeft(f"{self.site} left at {self._leaves_at:.2f} s of the run (its "
-                           f"availability schedule); now {now:.2f} s")
-
-    def _wait(self, seconds: float) -> None:
-        """Sleep ``seconds`` in short slices, leaving (or stopping when cancelled) meanwhile."""
-        end = time.perf_counter() + seconds
-        while (left := end - time.perf_counter()) > 0:
-            self._still_here()
-            if _cancelled():
-                raise RoundCancelled(f"{self.site}: round cancelled by the driver")
-            time.sleep(min(_POLL_S, left))
-        self._still_here()
-
-    def _pace(self, work_s: float) -> None:
-        """The duty cycle, after each piece of compute: a site of speed ``v`` idles
-        ``work_s (1/v - 1)``, so it takes ``1/v`` times as long as its node would at any work
-        (it runs inside the local-work clock, so a time budget sees it)."""
-        speed = self.job.conditions.speed
-        self._paced_s += work_s
-        idle = work_s * (1.0 / speed - 1.0)
-        if idle > 0:
-            self._idle_s += idle
-            self._wait(idle)
-        else:
-            self._still_here()
-
-    def _paced(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` under the duty cycle: its local meta-steps pace themselves (inside a
-        time budget's clock), and the rest of its compute (unpacking, packing, clipping) is
-        paced when it returns, so the whole of it takes ``1/speed`` times as long."""
-        self._paced_s = 0.0
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self._pace(max(0.0, time.perf_counter() - t0 - self._idle_s - self._paced_s))
-        return out
-
-    def _transfer(self, nbytes: int) -> None:
-        """A simulated transfer over the site's link: ``nbytes / bandwidth`` seconds."""
-        bandwidth = self.job.conditions.bandwidth_bytes_s
-        if bandwidth is not None and nbytes > 0:
-            self._network_s += nbytes / bandwidth
-            self._wait(nbytes / bandwidth)
 
     def _injected_delay(self) -> None:
         end = time.perf_counter() + self.job.delay_s
