@@ -16,8 +16,11 @@ required, so a value can never silently differ between the cloud and a site. Wha
 add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
 setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
 of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, :class:`SitePrivacy`,
-how a site clips and noises, and :class:`SecAggJob`, how it masks, are), and a field of
-:class:`RoundReply` for what comes back (as the clipping vote and the masked input are).
+how a site clips and noises, :class:`SecAggJob`, how it masks, :class:`Compression`, how it
+compresses, and :class:`SiteConditions`, how fast, connected and available it is, are; the
+time budget is ``LocalWork.time_budget_s``), and a field of :class:`RoundReply` for what
+comes back (as the clipping vote, the masked input, the encoded update and the local step
+count are).
 
 Under secure aggregation the round has three more exchanges (advertise keys, share keys,
 unmask), whose messages are :mod:`privacy.messages`' own frozen values: they cross as they are.
