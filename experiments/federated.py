@@ -198,7 +198,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                 row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
                 echo(f"  round {round_idx}: meta-test {headline(result)}")
             log.append(row)
-            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
+            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites
+                       if s["status"] not in ("ok", "away")]  # away: its schedule, no trouble
             if round_idx % cfg.train.log_every == 0 or round_idx == rounds or trouble:
                 echo(round_line(row, rounds, trouble))
             if cloud.missed >= fed.max_missed_rounds:
