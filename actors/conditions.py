@@ -39,12 +39,12 @@ class SiteConditionsClock:
         self._cancelled, self._stop = cancelled, stop
         self._call_clock: tuple[float, float] | None = None  # (run clock, perf_counter) at call
         self._leaves_at: float | None = None
-        self.idle_s = self.network_s = self._paced_s = 0.0
+        self.idle_s = self.network_s = self._paced_s = self._owed = 0.0
 
     def begin_call(self, run_clock_s: float | None, t0: float) -> None:
         """Start a call's bookkeeping (``t0``: its ``perf_counter`` start); a site that is away
         at the call's start leaves at once."""
-        self.idle_s = self.network_s = self._paced_s = 0.0
+        self.idle_s = self.network_s = self._paced_s = self._owed = 0.0
         self._call_clock = None if run_clock_s is None else (float(run_clock_s), t0)
         self._leaves_at = None
         if self.schedule is not None and self._call_clock is not None:
@@ -81,11 +81,20 @@ class SiteConditionsClock:
         (called inside the local-work clock, so a time budget sees it)."""
         self._paced_s += work_s
         idle = work_s * (1.0 / self.conditions.speed - 1.0)
-        if idle > 0:
-            self.idle_s += idle
-            self.wait(idle)
+        self.idle_s += idle
+        self._owed += idle
+        if self._owed >= POLL_S:
+            self._settle()
         else:
             self.still_here()
+
+    def _settle(self) -> None:
+        """Idle what is owed, and carry over what the sleep overshot (or fell short): many
+        short sleeps would otherwise each overshoot, and a slow site end up slower than its
+        speed says."""
+        t0 = time.perf_counter()
+        self.wait(self._owed)
+        self._owed -= time.perf_counter() - t0
 
     def paced(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` under the duty cycle: its local meta-steps pace themselves (through
@@ -97,6 +106,8 @@ class SiteConditionsClock:
         out = fn(*args)
         spent = time.perf_counter() - t0 - (self.idle_s - idle_before)
         self.pace(max(0.0, spent - self._paced_s))
+        if self._owed > 0:
+            self._settle()
         return out
 
     def transfer(self, nbytes: int) -> None:
