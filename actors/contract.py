@@ -16,8 +16,11 @@ required, so a value can never silently differ between the cloud and a site. Wha
 add to the protocol (a clipping bound and noise share, a local-work time budget, a compression
 setting, secure-aggregation keys) becomes a field of :class:`LocalWork` or a new frozen section
 of :class:`SiteJob` (as :class:`Attack`, a malicious site's behaviour, :class:`SitePrivacy`,
-how a site clips and noises, and :class:`SecAggJob`, how it masks, are), and a field of
-:class:`RoundReply` for what comes back (as the clipping vote and the masked input are).
+how a site clips and noises, :class:`SecAggJob`, how it masks, :class:`Compression`, how it
+compresses, and :class:`SiteConditions`, how fast, connected and available it is, are; the
+time budget is ``LocalWork.time_budget_s``), and a field of :class:`RoundReply` for what
+comes back (as the clipping vote, the masked input, the encoded update and the local step
+count are).
 
 Under secure aggregation the round has three more exchanges (advertise keys, share keys,
 unmask), whose messages are :mod:`privacy.messages`' own frozen values: they cross as they are.
@@ -31,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from metalearn.compression import CodecName, Encoded
 from privacy.config import SecAggConfig
 from privacy.messages import MaskedInput
 
@@ -45,12 +49,16 @@ class LocalWork:
     ``steps == 1``: the algorithm's own update (a meta-gradient for MAML and its kin) on
     ``tasks_per_step`` fresh tasks. ``steps > 1``: that many local meta-steps with
     ``optimizer`` at ``lr``, and the reply is the parameter delta (FedOpt).
+    ``time_budget_s``: None, or the round's time for local work: the site takes as many
+    meta-steps as fit (at least one, at most ``steps``), replies a delta and says how many
+    (``RoundReply.local_steps``).
     """
 
     steps: int
     lr: float
     optimizer: Literal["sgd", "adam"]
     tasks_per_step: int
+    time_budget_s: float | None
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,56 @@ class SecAggJob:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """How a site compresses its update before it leaves (``federated.compression``; the
+    maths is :mod:`metalearn.compression`). Fields that do not belong to ``codec`` are 0.
+
+    ``block``: int8's coordinates per scale (0: one scale per tensor of the model).
+    ``fraction``: top-k's share of coordinates kept. ``error_feedback``: keep what the codec
+    left out at the site and add it to the next update (top-k).
+    """
+
+    codec: CodecName
+    block: int
+    fraction: float
+    error_feedback: bool
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("fp16", "int8", "topk"):
+            raise ValueError(f"unknown codec {self.codec!r}; choose fp16, int8 or topk")
+        if self.block < 0 or (self.codec == "topk" and not 0 < self.fraction <= 1):
+            raise ValueError(f"compression {self}: parameters out of range")
+
+
+@dataclass(frozen=True)
+class SiteConditions:
+    """How fast, how well connected and how often reachable a site is (the topology's
+    ``speed``, ``bandwidth_mbps``, ``availability``): behaviour of the site, acted out by it.
+
+    ``speed``: after compute that took ``t`` seconds the site idles ``t (1/speed - 1)`` (1: no
+    idling). ``bandwidth_bytes_s``: receiving the parameters and sending the update each take
+    bytes / this (simulated: the site waits that long); None: no delay. ``mean_on_s`` /
+    ``mean_off_s``: its seeded on/off schedule (:class:`metalearn.availability.OnOffSchedule`);
+    0 when always on.
+    """
+
+    speed: float
+    bandwidth_bytes_s: float | None
+    mean_on_s: float
+    mean_off_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.speed <= 1:
+            raise ValueError(f"speed must be in (0, 1], got {self.speed}")
+        if self.bandwidth_bytes_s is not None and self.bandwidth_bytes_s <= 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth_bytes_s}")
+
+    @property
+    def comes_and_goes(self) -> bool:
+        return self.mean_on_s > 0 and self.mean_off_s > 0
+
+
+@dataclass(frozen=True)
 class SiteJob:
     """Everything a site needs to take part in a run; sent once, when its actor starts.
 
@@ -165,6 +223,9 @@ class SiteJob:
             ``attack`` of the site: robust aggregation is tested against configured attackers).
         privacy: how the site clips and noises its update (``federated.privacy``), or None.
         secagg: how the site masks its update (``federated.secure_aggregation``), or None.
+        compression: how the site compresses its update (``federated.compression``), or None
+            (float32).
+        conditions: its speed, link and availability (from the topology).
     """
 
     site: str
@@ -179,6 +240,8 @@ class SiteJob:
     attack: Attack | None
     privacy: SitePrivacy | None
     secagg: SecAggJob | None
+    compression: Compression | None
+    conditions: SiteConditions
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -198,6 +261,8 @@ class RoundTimings:
     compute_wait_s: float  # inside compute_s: waiting for the site's compute thread
     started_at: float
     finished_at: float
+    idle_s: float  # inside compute_s: the duty cycle's idling (a site of speed < 1)
+    network_s: float  # inside compute_s: the simulated transfers (a site with a bandwidth)
 
 
 @dataclass(frozen=True)
@@ -211,6 +276,10 @@ class RoundReply:
     With ``secagg`` in the job, ``update`` is empty (float32, length 0) and ``masked`` carries
     the update, clipped at the site, encoded in the ring and masked: uniformly random on its
     own. The cloud never holds the update itself. Without it, ``masked`` is None.
+
+    With ``compression`` in the job, ``update`` is empty too and ``encoded`` carries the
+    compressed update; its ``codec`` says how to decode it (the cloud decodes before
+    aggregating). Without it, ``encoded`` is None.
     """
 
     site: str
@@ -223,11 +292,18 @@ class RoundReply:
     device_ids: tuple[int, ...]
     clip_vote: float | None
     masked: MaskedInput | None
+    encoded: Encoded | None
+    local_steps: int  # the local meta-steps behind the update (1 for a gradient)
 
     @property
     def bytes_up(self) -> int:
-        """The update's payload: the float32 vector, or the masked ring vector (and its id)."""
-        return int(self.update.nbytes) if self.masked is None else self.masked.nbytes
+        """The update's payload: the float32 vector, the masked ring vector (and its id), or
+        the compressed update."""
+        if self.masked is not None:
+            return self.masked.nbytes
+        if self.encoded is not None:
+            return self.encoded.nbytes
+        return int(self.update.nbytes)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,19 @@ clear; :meth:`EdgeNode.secagg_unmask` answers the cloud's unmasking request once
 the client. The client lives in the actor's memory only: a restarted actor has lost it and
 counts as dropped for that round (:class:`SecAggClientLost`).
 
+Compression (the job's ``compression``, :mod:`metalearn.compression`): the update, once
+clipped, noised or poisoned as the job says, is compressed last and only the compressed form
+leaves (``RoundReply.encoded``); with error feedback the site keeps what the codec left out
+and adds it to its next update (the residual travels in :meth:`EdgeNode.sampler_state`, so a
+checkpoint holds it; a restarted actor starts with none).
+
+Site conditions (the job's ``conditions``, from the topology): a site of ``speed`` v idles
+``t (1/v - 1)`` after each piece of compute that took ``t`` (a duty cycle: 4x slower at any
+work for v = 0.25, and a local-work time budget sees it); with a bandwidth, receiving the
+parameters and sending the update each wait ``bytes / bandwidth``; with an availability
+schedule, a call past the end of the site's on period raises
+:class:`~actors.conditions.SiteLeft`, mid-round too (:mod:`actors.conditions`).
+
 Test hooks: the job's ``delay_s`` adds simulated compute time to each round (a slow site) and
 ``fail`` makes every round raise (a broken site). Both come from the topology / config, so a
 test can inject them into a real cluster. So does ``attack`` (a malicious site): label flipping
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import sys
 import threading
@@ -53,8 +67,10 @@ import numpy as np
 import ray
 import torch
 
+from actors.conditions import SiteConditionsClock
 from actors.contract import (
     Attack,
+    Compression,
     RoundReply,
     RoundTimings,
     SecAggJob,
@@ -66,11 +82,27 @@ from cluster import open_audit
 from cluster.topology import ACTOR_RESOURCE_REQUEST, site_resource
 from metalearn import attacks
 from metalearn.algorithms.base import MetaUpdate
+from metalearn.compression import (
+    Encoded,
+    ErrorFeedback,
+    block_segments,
+    encode_fp16,
+    encode_int8,
+    encode_topk,
+    topk_count,
+)
 from metalearn.data.store import StoreManifest
 from metalearn.from_config import algorithm_from_config
 from metalearn.local_update import local_update, mean_metrics
 from metalearn.params import FlatLayout, Params
-from metalearn.sites import SampleTasks, SiteTasks, attack_seed, site_seed, split_tasks
+from metalearn.sites import (
+    SampleTasks,
+    SiteTasks,
+    attack_seed,
+    compression_seed,
+    site_seed,
+    split_tasks,
+)
 from privacy.client import MaskingClient
 from privacy.dp import release_at_site
 from privacy.fixed_point import clip_l2
@@ -91,6 +123,8 @@ _POLL_S = 0.02  # how often an injected delay looks for a cancellation
 
 def _cancelled() -> bool:
     """True when the driver gave up on the running call (``ray.cancel`` on a late round)."""
+    if not ray.is_initialized():  # plain-object use: asking would start a Ray instance
+        return False
     try:
         return bool(ray.get_runtime_context().is_canceled())
     except Exception:  # outside an actor task (plain-object use in tests)
@@ -147,6 +181,10 @@ class EdgeNode:
         self.rounds_done = 0
         self.last_round = 0
         self._masking: MaskingClient | None = None  # this round's, under secure aggregation
+        self.feedback = ErrorFeedback()  # what a biased codec left out (compression)
+        self.conditions = SiteConditionsClock(
+            job.site, job.seed, job.conditions, _cancelled,
+            lambda: RoundCancelled(f"{job.site}: round cancelled by the driver"))
         t0 = time.perf_counter()
         self.tasks.load()  # the site's store, now: round 1 times compute only
         self.load_s = time.perf_counter() - t0
@@ -186,18 +224,24 @@ class EdgeNode:
 
     def round(self, params: np.ndarray | Params, round_idx: int,
               device_ids: Sequence[int] | None = None, clip_norm: float | None = None,
-              delivery: ShareDelivery | None = None) -> RoundReply:
+              delivery: ShareDelivery | None = None,
+              run_clock_s: float | None = None) -> RoundReply:
         """One round: sample this round's tasks on the chosen devices, compute the update.
 
         ``params``: the meta-parameters, flat in the layout's order (what the driver ships) or
         as a dict. ``device_ids``: the devices taking part (default: all of the site's).
         ``clip_norm``: this round's clipping bound under privacy (adaptive clipping moves it;
         default: the job's). ``delivery``: under secure aggregation, the shares the cloud
-        routed to this site (required then): the update goes back masked.
+        routed to this site (required then): the update goes back masked. ``run_clock_s``: the
+        run's clock when the call was sent, for a site that comes and goes (it leaves, raising
+        :class:`~actors.conditions.SiteLeft`, once its on period ends, even mid-round).
         """
         started_at, t0 = time.time(), time.perf_counter()
         if self.job.fail:
             raise RuntimeError(f"injected failure at {self.site} (test hook fail_sites)")
+        conditions = self.conditions
+        conditions.begin_call(run_clock_s, t0)
+        conditions.transfer(params.nbytes if isinstance(params, np.ndarray) else 0)
         client = None
         if self.job.secagg is not None:
             if delivery is None:
@@ -209,25 +253,58 @@ class EdgeNode:
         submitted = time.perf_counter()
         vote = None
         if self.job.privacy is None:
-            update, flat, began = self._computed(self._local_update, params, round_idx, devices)
+            update, flat, began = self._computed(conditions.paced, self._local_update, params,
+                                                 round_idx, devices)
         else:
-            update, flat, vote, began = self._computed(self._private_update, self.job.privacy,
-                                                       params, round_idx, devices, clip_norm)
+            update, flat, vote, began = self._computed(conditions.paced, self._private_update,
+                                                       self.job.privacy, params, round_idx,
+                                                       devices, clip_norm)
         masked = None
         if client is not None and delivery is not None:
             masked = self._computed(self._masked, client, flat, delivery)
             flat = np.zeros(0, dtype=np.float32)  # the update never leaves in clear
+        encoded = None
+        if self.job.compression is not None:
+            encoded = self._computed(self._encoded, self.job.compression, flat, round_idx)
+            flat = np.zeros(0, dtype=np.float32)  # only the compressed form leaves
+        sent = masked if masked is not None else encoded  # what goes up instead of ``flat``
+        conditions.transfer(flat.nbytes if sent is None else sent.nbytes)
         self._injected_delay()
+        conditions.still_here()
         self.rounds_done += 1
         self.last_round = int(round_idx)
         timings = RoundTimings(compute_s=time.perf_counter() - t0,
                                compute_wait_s=began - submitted, started_at=started_at,
-                               finished_at=time.time())
+                               finished_at=time.time(), idle_s=conditions.idle_s,
+                               network_s=conditions.network_s)
         return RoundReply(site=self.site, round=int(round_idx), kind=update.kind, update=flat,
                           num_tasks=int(update.num_tasks),
                           metrics={k: float(v) for k, v in update.metrics.items()},
                           timings=timings, device_ids=tuple(devices), clip_vote=vote,
-                          masked=masked)
+                          masked=masked, encoded=encoded, local_steps=int(update.local_steps))
+
+    def _encoded(self, spec: Compression, flat: np.ndarray, round_idx: int) -> Encoded:
+        """The update compressed as the job says (after clipping, noise and any attack: what
+        is compressed is exactly what would have been sent); with error feedback, plus what
+        earlier rounds left out, which the site keeps."""
+        vector = torch.from_numpy(flat)
+        if spec.codec == "fp16":
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_fp16(v)
+        elif spec.codec == "int8":
+            segments = (block_segments(vector.numel(), spec.block) if spec.block
+                        else [math.prod(s) for s in self.layout.shapes])
+            rounding = torch.Generator().manual_seed(
+                compression_seed(self.job.seed, self.site, round_idx))
+
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_int8(v, segments, rounding)
+        else:
+            k = topk_count(vector.numel(), spec.fraction)
+
+            def encode(v: torch.Tensor) -> Encoded:
+                return encode_topk(v, k)
+        return self.feedback.compress(vector, encode) if spec.error_feedback else encode(vector)
 
     # ------------------------------------------------------------------ secure aggregation
 
@@ -296,7 +373,8 @@ class EdgeNode:
     def _honest_update(self, params: Params, sample: SampleTasks) -> MetaUpdate:
         work = self.job.local
         return local_update(self.algorithm, params, sample, work.tasks_per_step, work.steps,
-                            work.lr, work.optimizer)
+                            work.lr, work.optimizer, work.time_budget_s,
+                            after_step=self.conditions.pace)
 
     def _poisoned(self, attack: Attack, flat: np.ndarray, params: Params, sample: SampleTasks,
                   round_idx: int) -> np.ndarray:
@@ -337,7 +415,8 @@ class EdgeNode:
                                                                  len(devices)), strict=True)]
                   if dp.unit == "device" else [(devices, work.tasks_per_step)])
         updates = [local_update(self.algorithm, params, self.tasks.round_sampler(group, round_idx),
-                                n, work.steps, work.lr, work.optimizer)
+                                n, work.steps, work.lr, work.optimizer, work.time_budget_s,
+                                after_step=self.conditions.pace)
                    for group, n in groups if n > 0]
         bound = dp.clip_norm if clip_norm is None else float(clip_norm)
         release = release_at_site([self.layout.concat(u.tensors, "update") for u in updates],
@@ -345,7 +424,8 @@ class EdgeNode:
                                   dp.vote_noise_std_share, GaussianNoise(dp.seed), self.site,
                                   round_idx)
         metrics = mean_metrics([u.metrics for u in updates]) if dp.keep_metrics else {}
-        summed = MetaUpdate(updates[0].kind, {}, sum(u.num_tasks for u in updates), metrics)
+        summed = MetaUpdate(updates[0].kind, {}, sum(u.num_tasks for u in updates), metrics,
+                            local_steps=max(u.local_steps for u in updates))
         flat = release.vector.to(torch.float32).numpy()
         return summed, flat, (release.vote if dp.report_votes else None), began
 
@@ -404,13 +484,20 @@ class EdgeNode:
         never examples (None for a site without a store: sinusoid)."""
         return self.tasks.manifest
 
-    def sampler_state(self) -> dict[str, int]:
-        """All the sampling state there is: tasks are seeded per round, so a counter."""
-        return {"rounds_done": self.rounds_done, "last_round": self.last_round}
+    def sampler_state(self) -> dict[str, Any]:
+        """All the sampling state there is: tasks are seeded per round, so a counter; and,
+        with error feedback, the residual the site keeps (a checkpoint holds it, so a resumed
+        run sends what an uninterrupted one sends)."""
+        state: dict[str, Any] = {"rounds_done": self.rounds_done, "last_round": self.last_round}
+        residual = self.feedback.state()
+        if residual is not None:
+            state["residual"] = residual
+        return state
 
-    def load_sampler_state(self, state: Mapping[str, int]) -> None:
+    def load_sampler_state(self, state: Mapping[str, Any]) -> None:
         self.rounds_done = int(state.get("rounds_done", 0))
         self.last_round = int(state.get("last_round", 0))
+        self.feedback.load(state.get("residual"))
 
 
 def spawn_edge(job: SiteJob, actor_cpus: float) -> Any:

@@ -16,6 +16,8 @@ Decisions worth knowing:
 * **Reads overlap the wait.** Each reply is read as it arrives (``ray.wait(num_returns=1)``
   until the deadline); updates are returned in participant order, so the aggregate's float
   sums do not depend on arrival order.
+* **Compressed updates are decoded here**, as they arrive (``RoundReply.encoded`` says which
+  codec made each): the rules and the privacy release only ever see float32 vectors.
 * **Any call, the same rules.** :meth:`Federation.call_sites` calls one method on several sites
   and keeps what arrives before a deadline, with the same busy / down / late bookkeeping as a
   round: the key exchanges of secure aggregation (:mod:`actors.secure_round`) use it.
@@ -36,6 +38,7 @@ from actors.contract import RoundReply, SiteInfo, SiteJob
 from actors.edge import spawn_edge
 from cluster.console import Printer
 from metalearn.aggregation import FlatUpdate
+from metalearn.compression import decode
 from metalearn.params import FlatLayout, Params
 from privacy.messages import MaskedInput, ShareDelivery
 
@@ -151,11 +154,14 @@ class Federation:
 
     def run_round(self, params_ref: Any, round_idx: int, participants: Mapping[str, list[int]],
                   deadline_s: float | None, clip_norm: float | None = None,
-                  deliveries: Mapping[str, ShareDelivery] | None = None) -> RoundOutcome:
+                  deliveries: Mapping[str, ShareDelivery] | None = None,
+                  run_clock_s: float | None = None) -> RoundOutcome:
         """Call each participant with its devices, wait until all replied or the deadline.
         ``clip_norm``: the round's clipping bound under privacy (None: the sites' own).
         ``deliveries``: under secure aggregation, the shares routed to each participant; the
-        replies then bring masked inputs (``RoundOutcome.masked``), never updates."""
+        replies then bring masked inputs (``RoundOutcome.masked``), never updates.
+        ``run_clock_s``: the run's clock now, for sites that come and go (they leave when
+        their on period ends)."""
         out = RoundOutcome()
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
@@ -167,8 +173,9 @@ class Federation:
                 continue
             sent_at[site] = time.time()
             extra = () if deliveries is None else (deliveries[site],)
+            clock = {} if run_clock_s is None else {"run_clock_s": run_clock_s}
             refs[site] = self.edges[site].round.remote(params_ref, round_idx, devices,
-                                                       clip_norm, *extra)
+                                                       clip_norm, *extra, **clock)
         arrived: dict[str, FlatUpdate | MaskedInput] = {}
 
         def read(site: str, ref: Any, arrived_at: float) -> None:
@@ -218,6 +225,22 @@ class Federation:
         out.results = {site: arrived[site] for site in args if site in arrived}
         out.wall_s = time.perf_counter() - t0
         return out
+
+    def call(self, site: str, params_ref: Any, call_id: int, devices: list[int],
+             run_clock_s: float | None = None) -> Any | None:
+        """One round call to ``site`` on its own (asynchronous rounds): its ref, or None when
+        the site is busy or down. ``call_id`` is the round index the site samples tasks for."""
+        if self._unavailable(site) is not None:
+            return None
+        clock = {} if run_clock_s is None else {"run_clock_s": run_clock_s}
+        return self.edges[site].round.remote(params_ref, call_id, devices, None, **clock)
+
+    def read(self, site: str, ref: Any, call_id: int, devices: int, out: RoundOutcome,
+             sent_at: float) -> FlatUpdate | None:
+        """Record a finished :meth:`call` in ``out.sites``; its decoded update, if it brought
+        one (the same bookkeeping as a round's replies: failures, gone actors)."""
+        got = self._read(site, ref, call_id, devices, out, sent_at, time.time())
+        return got if isinstance(got, FlatUpdate) else None
 
     def _unavailable(self, site: str) -> dict[str, Any] | None:
         """The row of a site that cannot be called now (busy with a late call, or down)."""
@@ -278,11 +301,15 @@ class Federation:
                           "dispatch_s": t.started_at - sent_at,  # the call's delivery
                           "reply_s": arrived_at - t.finished_at,  # and its reply
                           "num_tasks": reply.num_tasks, "bytes_up": reply.bytes_up,
+                          "local_steps": reply.local_steps, "idle_s": t.idle_s,
+                          "network_s": t.network_s,
                           **({} if reply.clip_vote is None else {"clip_vote": reply.clip_vote}),
                           **reply.metrics})
         if reply.masked is not None:
             return reply.masked
-        return FlatUpdate(reply.kind, self.layout.vector(reply.update), reply.num_tasks)
+        vector = reply.update if reply.encoded is None else decode(reply.encoded)
+        return FlatUpdate(reply.kind, self.layout.vector(vector), reply.num_tasks,
+                          reply.local_steps)
 
     def _busy(self, site: str) -> bool:
         if site not in self.pending:

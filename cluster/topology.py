@@ -1,4 +1,6 @@
-"""The topology: one cloud and its edge sites, the resources each declares, and how slow each is.
+"""The topology: one cloud and its edge sites, the resources each declares, and how slow each is
+(``speed``: a duty cycle on its compute; ``bandwidth_mbps``: its simulated link;
+``availability``: when it is reachable).
 
 A site is a Ray node that advertises the custom resource ``edge:<site>`` in a large quantity
 (``SITE_RESOURCE_QUANTITY``); an edge actor asks for a small fraction of it
@@ -113,6 +115,15 @@ SiteAttack = Annotated[
 ]
 
 
+class Availability(_Section):
+    """A site that comes and goes: on and off periods drawn from exponential distributions
+    with these means (seconds of the run's clock), seeded by the run seed and the site's name;
+    on at time 0 (:class:`metalearn.availability.OnOffSchedule`)."""
+
+    mean_on_s: float = Field(gt=0, description="mean length of a period the site is reachable")
+    mean_off_s: float = Field(gt=0, description="mean length of a period it is away")
+
+
 class Site(NodeResources):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     devices: int = Field(1, ge=1, description="virtual clients (devices) simulated by the site")
@@ -131,6 +142,15 @@ class Site(NodeResources):
         None, min_length=1,
         description="the site's data store, a folder on the site's node (absolute, or "
                     "relative to the run's stores root); default: <stores root>/<name>")
+    speed: float = Field(
+        1.0, gt=0, le=1, description="share of its node's compute the site gets: after work "
+                                     "that took t seconds it idles t (1/speed - 1), so a site "
+                                     "of speed 0.25 is 4x slower at any work")
+    bandwidth_mbps: float | None = Field(
+        None, gt=0, description="simulated link: sending b bytes either way takes "
+                                "8 b / (bandwidth_mbps 1e6) s; none: no delay")
+    availability: Availability | None = Field(
+        None, description="seeded on/off schedule; none: always reachable")
 
 
 class Topology(_Section):

@@ -16,6 +16,7 @@ from metalearn.aggregation import (
     Bulyan,
     ClipAndNoise,
     CoordinateMedian,
+    FedNova,
     Krum,
     MultiKrum,
     NormBound,
@@ -43,6 +44,16 @@ class WeightedMeanRule(Section):
 
     def build(self) -> Aggregator:
         return WeightedMean()
+
+
+class FedNovaRule(Section):
+    """FedNova: per-step directions averaged, rescaled by the effective step count, so sites
+    that did unequal local work (``local_time_budget_s``) weigh as their data, not their speed."""
+
+    name: Literal["fednova"] = "fednova"
+
+    def build(self) -> Aggregator:
+        return FedNova()
 
 
 class MedianRule(Section):
@@ -128,12 +139,12 @@ class NormBoundRule(Section):
 
 
 AggregatorConfig = Annotated[
-    Union[WeightedMeanRule, MedianRule, TrimmedMeanRule, ClipNoiseRule,  # noqa: UP007
-          KrumRule, MultiKrumRule, BulyanRule, NormBoundRule],
+    Union[WeightedMeanRule, FedNovaRule, MedianRule, TrimmedMeanRule,  # noqa: UP007
+          ClipNoiseRule, KrumRule, MultiKrumRule, BulyanRule, NormBoundRule],
     Field(discriminator="name"),
     BeforeValidator(_known_rule),
 ]
-AGGREGATION_RULES = ("weighted_mean", "median", "trimmed_mean", "clip_noise", "krum",
+AGGREGATION_RULES = ("weighted_mean", "fednova", "median", "trimmed_mean", "clip_noise", "krum",
                      "multi_krum", "bulyan", "norm_bound")
 ClipNoiseRule.model_rebuild()
 NormBoundRule.model_rebuild()

@@ -35,6 +35,12 @@ Decisions worth knowing:
   adds three key exchanges around the round call (:mod:`actors.secure_round`); each site clips
   and masks its update, and the cloud unmasks only the sum of those that arrived (a site that
   drops after sharing its keys is left out exactly). Too few sites at a step skips the round.
+* **Heterogeneous sites** (the topology's ``speed``, ``bandwidth_mbps``, ``availability``;
+  ``local_time_budget_s``; ``compression``): the sites act them out (:mod:`actors.edge`); the
+  driver asks only the sites its copy of their availability schedules says are on at the
+  round's start (the rest are ``away``), and one that leaves mid-round fails its call.
+* **Asynchronous rounds** (``federated.mode: async``, :mod:`experiments.buffered`): FedBuff;
+  a step is an applied update of ``buffer_size`` staleness-weighted results.
 * **Exact resume.** Tasks are seeded by ``(seed, site, device, round)`` and participants by
   ``(seed, round)``; the checkpoint holds meta-parameters, optimizer and aggregator state. A
   run stopped after round r and resumed ends where an uninterrupted run ends.
@@ -48,7 +54,7 @@ import sys
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +69,7 @@ from cluster.connect import join_or_start, shutdown
 from cluster.console import Printer
 from cluster.topology import Topology
 from experiments import dp, secagg
+from experiments.buffered import train_buffered
 from experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -90,6 +97,7 @@ from experiments.site_jobs import (
 )
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
+from metalearn.availability import OnOffSchedule
 from metalearn.checkpoint import save_checkpoint
 from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
@@ -164,7 +172,10 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"federated {cfg.algorithm.name} on {cfg.data.dataset}: {len(devices)} sites, "
              f"{per_site} tasks per site, {fed.local_steps} local step(s), "
              f"{cfg.train.steps} rounds -> {cfg.run_dir}")
-        loop = _train_rounds(cfg, cloud, log, devices, resume, echo, progress, on_row)
+        if fed.mode == "sync":
+            loop = _train_rounds(cfg, cloud, log, devices, resume, echo, progress, on_row)
+        else:
+            loop = train_buffered(cfg, cloud, log, devices, resume, echo)
         if loop.stopped_by:
             return loop.stopped_summary(cfg.name)
 
@@ -233,7 +244,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
         last_trouble: list[str] = []
         for round_idx in loop.steps(save=checkpoint):
             t0 = time.perf_counter()
-            row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed)
+            row, outcome = _one_round(fed, cloud, round_idx, devices, cfg.seed,
+                                      clock_s=loop.elapsed_s)
             cloud.missed = cloud.missed + 1 if row["skipped"] else 0
             row["time_s"] = loop.count(time.perf_counter() - t0)
             cloud.site_log.extend({"round": round_idx, **s} for s in outcome.sites)
@@ -247,7 +259,8 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                 progress.sites(outcome.sites)
             if on_row is not None:
                 on_row(row)
-            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites if s["status"] != "ok"]
+            trouble = [f"{s['site']} {s['status']}" for s in outcome.sites
+                       if s["status"] not in ("ok", "away")]  # away: its schedule, no trouble
             # Trouble is news when it changes (a site goes down, comes back, turns late); a
             # site down for an hour is one line, not one a round (the rows keep every round).
             if (round_idx % cfg.train.log_every == 0 or round_idx == rounds
@@ -265,18 +278,25 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
 
 
 def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapping[str, int],
-               seed: int) -> tuple[dict[str, Any], RoundOutcome]:
-    """One round: participants, parameters out, replies in, aggregate, outer step; its row."""
+               seed: int, clock_s: float = 0.0) -> tuple[dict[str, Any], RoundOutcome]:
+    """One round: participants, parameters out, replies in, aggregate, outer step; its row.
+    ``clock_s``: the run's clock at the round's start (counted training time), against which
+    sites that come and go are available or away."""
     t0 = time.perf_counter()
-    participants = choose_participants(list(devices), devices, fed, seed, round_idx)
+    present = [s for s in devices if s not in cloud.schedules or cloud.schedules[s].is_on(clock_s)]
+    participants = (choose_participants(present, devices, fed, seed, round_idx) if present
+                    else {})
     params_ref = broadcast(cloud.outer.flat_params().to(torch.float32).numpy(),
                            len(participants))
     t_sent = time.perf_counter()
     clip = None if cloud.privacy is None else cloud.privacy.clip_norm
     secure = None
     if cloud.secagg is None:
-        outcome = cloud.federation.run_round(params_ref, round_idx, participants,
-                                             fed.deadline_s, clip)
+        outcome = cloud.federation.run_round(
+            params_ref, round_idx, participants, fed.deadline_s, clip,
+            run_clock_s=clock_s + (time.perf_counter() - t0) if cloud.schedules else None)
+        outcome.sites.extend({"site": s, "status": "away"} for s in devices if s not in present)
+        outcome.sites.sort(key=lambda r: r["site"])
         skipped = len(outcome.updates) < fed.quorum
     else:
         secure = cloud.secagg.round(cloud.federation, round_idx, participants, params_ref, clip)
@@ -336,6 +356,7 @@ class Cloud:
     missed: int = 0
     privacy: dp.CloudPrivacy | None = None
     secagg: secagg.CloudSecAgg | None = None
+    schedules: dict[str, OnOffSchedule] = field(default_factory=dict)  # sites that come and go
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
@@ -367,13 +388,18 @@ class Cloud:
         return cls(outer, fed.aggregator.build(), federation, topology,
                    RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), fed.quorum,
                    privacy=privacy,
-                   secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel))
+                   secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel),
+                   schedules={s.name: OnOffSchedule(cfg.seed, s.name, s.availability.mean_on_s,
+                                                    s.availability.mean_off_s)
+                              for s in topology.sites if s.availability is not None})
 
-    def state(self) -> dict[str, Any]:
+    def state(self, with_sites: bool = True) -> dict[str, Any]:
+        """What a checkpoint keeps; ``with_sites``: the sites' sampler states too (not in
+        asynchronous runs, whose sites are always mid-call)."""
+        sites = self.federation.sampler_states() if with_sites else {}
         return {"outer": self.outer.state_dict(), "params": self.outer.params,
                 "aggregator": self.aggregator.state_dict(), "torch_rng": torch.get_rng_state(),
-                "missed": self.missed, "quorum": self.quorum,
-                "sites": self.federation.sampler_states(),
+                "missed": self.missed, "quorum": self.quorum, "sites": sites,
                 **({} if self.privacy is None else {"privacy": self.privacy.state_dict()})}
 
     def restore(self, state: Mapping[str, Any], round_idx: int) -> None:

@@ -104,7 +104,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
               site_names: Sequence[str], wall_s: float) -> dict[str, Any]:
     """The per-round metrics row: timings, traffic, who arrived, task-weighted metrics.
 
-    ``participants`` counts the sites chosen for the round, ``called`` those actually sent
+    ``participants`` counts the sites chosen for the round (among those available: ``away``
+    counts the sites off their availability schedule, not asked), ``called`` those actually sent
     the parameters (not a site still busy with a late call, nor one that is down).
     ``wall_s`` is the whole round as the driver lives it, from packing the parameters to the
     end of the outer step (``calls_s``: the calls alone); ``overhead_s`` is that
@@ -114,6 +115,10 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     driver to started on the site) and of a reply (finished on the site to seen by the driver).
     ``compute_wait_s_max``: the longest wait, inside a site's ``compute_s``, between the call
     starting and the site's compute thread getting a CPU (sites sharing a node's cores).
+    ``bytes_up`` counts what the arrived updates weighed on the wire (compressed, with
+    ``federated.compression``), ``bytes_up_ratio`` that over their float32 size.
+    ``local_steps_min`` / ``_max``: the fewest and most local meta-steps behind an arrived
+    update (they differ when ``local_time_budget_s`` sizes the work to each site).
 
     Under secure aggregation a row per participant may also have status ``aborted`` (the round
     was aborted before its call), ``bytes_up`` counts the masked inputs, and the driver adds the
@@ -121,7 +126,8 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
     """
     ok = [s for s in outcome.sites if s["status"] == "ok"]
     compute = [s["compute_s"] for s in ok]
-    called = len(outcome.sites) - outcome.count("busy") - outcome.count("down")
+    away = outcome.count("away")  # off their availability schedule: not asked
+    called = len(outcome.sites) - away - outcome.count("busy") - outcome.count("down")
     row: dict[str, Any] = {
         "round": round_idx, "step": round_idx, "wall_s": wall_s, "calls_s": outcome.wall_s,
         "compute_s_max": max(compute, default=float("nan")),
@@ -131,11 +137,18 @@ def round_row(round_idx: int, outcome: RoundOutcome, param_bytes: int,
         "reply_s_max": max((s["reply_s"] for s in ok), default=float("nan")),
         "compute_wait_s_max": max((s["compute_wait_s"] for s in ok), default=float("nan")),
         "bytes_down": param_bytes * called, "bytes_up": sum(s["bytes_up"] for s in ok),
-        "participants": len(outcome.sites), "called": called, "arrived": len(ok),
+        "participants": len(outcome.sites) - away, "called": called, "arrived": len(ok),
+        "away": away,
         "late": outcome.count("late"), "failed": outcome.count("failed"),
         "busy": outcome.count("busy"), "down": outcome.count("down"),
         "round_tasks": sum(s["num_tasks"] for s in ok),
     }
+    steps = [s.get("local_steps", 1) for s in ok]
+    row["local_steps_min"] = min(steps, default=0)
+    row["local_steps_max"] = max(steps, default=0)
+    # what the arrived updates cost against float32 (below 1 with compression)
+    row["bytes_up_ratio"] = (row["bytes_up"] / (param_bytes * len(ok)) if ok and param_bytes
+                             else float("nan"))
     total = row["round_tasks"]
     for key in ("loss_before", "loss_after", "acc_before", "acc_after"):
         vals = [(s[key], s["num_tasks"]) for s in ok if key in s]
@@ -176,10 +189,12 @@ def federated_summary(rows: list[dict], site_rows: list[dict], personal: list[di
         "local_steps": fed.local_steps, "aggregator": fed.aggregator.model_dump(mode="json"),
         "secure_aggregation": (None if fed.secure_aggregation is None
                                else fed.secure_aggregation.model_dump(mode="json")),
+        "compression": (None if fed.compression is None
+                        else fed.compression.model_dump(mode="json")),
         "site_fraction": fed.site_fraction, "quorum": fed.quorum,
         "rounds": len(df), "skipped_rounds": int(df["skipped"].sum()) if len(df) else 0,
         "late": count("late"), "failed": count("failed"), "busy": count("busy"),
-        "down": count("down"),
+        "down": count("down"), "away": count("away"),
         "median_round_s": float(df["wall_s"].median()) if len(df) else None,
         "median_overhead_s": float(df["overhead_s"].median()) if len(df) else None,
         "bytes_down": int(df["bytes_down"].sum()) if len(df) else 0,

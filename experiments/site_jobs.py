@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.contract import Attack, LocalWork, SiteJob
+from actors.contract import Attack, Compression, LocalWork, SiteConditions, SiteJob
 from cluster.topology import Site, Topology
 from experiments import dp, secagg
 from experiments.config import ConfigError, ExperimentConfig, FederatedConfig
@@ -93,7 +93,7 @@ def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Map
     config = cfg.to_dict()
     learner = {k: config[k] for k in ("data", "model", "algorithm")}
     work = LocalWork(steps=fed.local_steps, lr=fed.local_lr, optimizer=fed.local_optimizer,
-                     tasks_per_step=per_site)
+                     tasks_per_step=per_site, time_budget_s=fed.local_time_budget_s)
     privacy = dp.site_privacy(fed, devices)
     if dim is None and fed.secure_aggregation is not None:
         dim = FlatLayout.of(algorithm_from_config(config).init_params()).numel
@@ -102,8 +102,30 @@ def site_jobs(cfg: ExperimentConfig, topology: Topology, plans: Mapping[str, Map
                             devices=devices[s.name], seed=cfg.seed,
                             compute_nice=s.compute_nice, delay_s=s.delay_s,
                             fail=s.name in fed.fail_sites, attack=site_attack(s, fed, topology),
-                            privacy=privacy, secagg=masking[s.name])
+                            privacy=privacy, secagg=masking[s.name],
+                            compression=site_compression(fed), conditions=site_conditions(s))
             for s in topology.sites}
+
+
+def site_conditions(site: Site) -> SiteConditions:
+    """The topology's speed, bandwidth and availability of ``site`` as the site is told them."""
+    on_off = site.availability
+    return SiteConditions(
+        speed=site.speed,
+        bandwidth_bytes_s=None if site.bandwidth_mbps is None else site.bandwidth_mbps * 1e6 / 8,
+        mean_on_s=0.0 if on_off is None else on_off.mean_on_s,
+        mean_off_s=0.0 if on_off is None else on_off.mean_off_s)
+
+
+def site_compression(fed: FederatedConfig) -> Compression | None:
+    """``federated.compression`` as a site is told it: every value resolved."""
+    comp = fed.compression
+    if comp is None:
+        return None
+    values = comp.model_dump()
+    return Compression(codec=comp.codec, block=int(values.get("block", 0)),
+                       fraction=float(values.get("fraction", 0.0)),
+                       error_feedback=bool(values.get("error_feedback", False)))
 
 
 def site_attack(site: Site, fed: FederatedConfig, topology: Topology) -> Attack | None:

@@ -10,6 +10,9 @@ rule instead of one per tensor.
 * :class:`WeightedMean` — FedAvg: the mean weighted by each update's task count. With full
   participation and one local step this is exactly the centralized meta-gradient over the
   union of the sites' tasks (the equivalence the tests hold).
+* :class:`FedNova` — normalised averaging (Wang et al., 2020): sites that took unequal numbers
+  of local steps (a time budget sizes the work to each site) are averaged per step, so fast
+  sites do not pull the model toward their own objective.
 * :class:`CoordinateMedian` and :class:`TrimmedMean` — robust to a few corrupted or extreme
   sites (Yin et al., 2018). They ignore task counts on purpose: weighting would let one site
   that claims many tasks move the result again, which is what robust rules exist to prevent.
@@ -56,16 +59,19 @@ from metalearn.params import FlatLayout
 @dataclass(frozen=True)
 class FlatUpdate:
     """One site's update as the cloud aggregates it: a flat vector in the meta-parameters'
-    :class:`~metalearn.params.FlatLayout` order, its kind, and the tasks it stands for."""
+    :class:`~metalearn.params.FlatLayout` order, its kind, the tasks it stands for, and the
+    local meta-steps that made it (1 for a gradient; what :class:`FedNova` normalises by)."""
 
     kind: Literal["gradient", "delta"]
     vector: Tensor
     num_tasks: int
+    local_steps: int = 1
 
     @classmethod
     def of(cls, update: MetaUpdate, layout: FlatLayout) -> FlatUpdate:
         """A :class:`MetaUpdate` (a dict of tensors) flattened in ``layout``'s order."""
-        return cls(update.kind, layout.concat(update.tensors, "update"), update.num_tasks)
+        return cls(update.kind, layout.concat(update.tensors, "update"), update.num_tasks,
+                   update.local_steps)
 
 
 def check_updates(updates: Sequence[FlatUpdate]) -> str:
@@ -141,6 +147,63 @@ class WeightedMean(Aggregator):
         return out
 
 
+class FedNova(Aggregator):
+    """Normalised averaging (FedNova, Wang et al., 2020): unequal local work without bias.
+
+    A site that took ``tau_i`` local SGD steps sends ``Delta_i``, about ``tau_i`` times its
+    per-step direction; the plain (task-weighted) mean of the deltas therefore leans toward the
+    sites that did more steps, the fast ones, and optimises a different objective from the one
+    the sites share (Wang et al., Theorem 1). FedNova averages the per-step directions instead
+    and rescales by the effective step count::
+
+        p_i = s_i / sum_j s_j          (s_i = num_tasks_i / tau_i: the site's tasks per step)
+        tau_eff = sum_i p_i tau_i
+        update  = tau_eff * sum_i p_i Delta_i / tau_i
+
+    With equal ``tau_i`` it is exactly :class:`WeightedMean` (``tau_eff = tau``). This is the
+    paper's rule for plain local SGD (``a_i = tau_i``); a local Adam's normaliser would differ,
+    which the config refuses (:mod:`experiments.config`).
+    """
+
+    name = "fednova"
+
+    def aggregate(self, updates: Sequence[FlatUpdate]) -> Tensor:
+        check_updates(updates)
+        if any(u.local_steps < 1 for u in updates):
+            raise ValueError("fednova: every update needs local_steps >= 1")
+        per_step = [u.num_tasks / u.local_steps for u in updates]
+        total = sum(per_step)
+        if total <= 0:
+            raise ValueError("updates stand for no tasks: cannot weight by task count")
+        weights = [s / total for s in per_step]
+        tau_eff = sum(p * u.local_steps for p, u in zip(weights, updates, strict=True))
+        out = torch.zeros_like(updates[0].vector, dtype=torch.float64)
+        for p, u in zip(weights, updates, strict=True):  # in the given order: reproducible
+            out += (p / u.local_steps) * u.vector.detach().double()
+        return (tau_eff * out).to(updates[0].vector.dtype)
+
+
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's discount of an update computed on parameters ``staleness`` versions old."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def buffered_mean(updates: Sequence[FlatUpdate], staleness: Sequence[int]) -> Tensor:
+    """FedBuff's server update (Nguyen et al., 2022): ``(1/K) sum_i u_i / sqrt(1 + s_i)`` over
+    the ``K`` buffered updates, ``s_i`` the versions applied since update ``i``'s parameters
+    were sent. Dividing by ``K`` (not by the weights' sum) lets stale updates move the model
+    less, not merely count less against fresh ones."""
+    check_updates(updates)
+    if len(staleness) != len(updates):
+        raise ValueError(f"{len(updates)} updates, {len(staleness)} staleness values")
+    out = torch.zeros_like(updates[0].vector, dtype=torch.float64)
+    for u, s in zip(updates, staleness, strict=True):  # in the given order: reproducible
+        out += staleness_weight(s) * u.vector.detach().double()
+    return (out / len(updates)).to(updates[0].vector.dtype)
+
+
 class CoordinateMedian(Aggregator):
     """The median of every coordinate across updates (the mean of the two middle values when
     the count is even, so two sites give their mean rather than the smaller one)."""
@@ -183,7 +246,7 @@ def clip_to_norm(update: FlatUpdate, max_norm: float) -> FlatUpdate:
     """``update`` scaled down to L2 norm ``max_norm`` if it is longer; otherwise unchanged."""
     norm = global_norm(update.vector)
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return FlatUpdate(update.kind, update.vector * scale, update.num_tasks)
+    return FlatUpdate(update.kind, update.vector * scale, update.num_tasks, update.local_steps)
 
 
 def pairwise_sq_distances(stacked: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ SampleTasks = Callable[[int], TaskBatch]
 
 # Stream tags: training rounds, the held-out personalization tasks, the device split and a
 # malicious site's own randomness (metalearn.attacks) never share a seed.
-_ROUND, _HOLDOUT, _DEVICES, _ATTACK = 0, 1, 2, 3
+_ROUND, _HOLDOUT, _DEVICES, _ATTACK, _COMPRESSION = 0, 1, 2, 3, 4
 
 
 def site_seed(seed: int, site: str, *extra: int) -> int:
@@ -52,6 +52,12 @@ def attack_seed(seed: int, site: str, round_idx: int) -> int:
     """Seed of a malicious site's own draws in round ``round_idx`` (its Gaussian update): a
     function of (seed, site, round), so an attacked run resumes and repeats exactly."""
     return site_seed(seed, site, _ATTACK, round_idx)
+
+
+def compression_seed(seed: int, site: str, round_idx: int) -> int:
+    """Seed of a site's stochastic rounding in round ``round_idx`` (int8 compression): a
+    function of (seed, site, round), so a compressed run resumes and repeats exactly."""
+    return site_seed(seed, site, _COMPRESSION, round_idx)
 
 
 # --------------------------------------------------------------------------- site partitions

@@ -221,8 +221,10 @@ def test_what_an_edge_returns_holds_to_the_contract_and_leaks_nothing(one_site) 
     fields = {f.name for m in (reply, reply.timings) for f in dataclasses.fields(m)}
     assert fields - {"timings"} == {"site", "round", "kind", "update", "num_tasks",
                                     "metrics", "compute_s", "compute_wait_s", "started_at",
-                                    "finished_at", "device_ids", "clip_vote", "masked"}
+                                    "finished_at", "device_ids", "clip_vote", "masked",
+                                    "encoded", "local_steps", "idle_s", "network_s"}
     assert reply.masked is None  # masked inputs only under secure aggregation
+    assert reply.encoded is None  # compressed updates only under compression
     assert reply.update.shape == (numel(cfg),) and reply.update.dtype == np.float32
     assert reply.num_tasks == TASKS and list(reply.device_ids) == [0, 1]
     assert all(isinstance(v, float) for v in reply.metrics.values())

@@ -33,12 +33,15 @@ class MetaUpdate:
 
     ``kind == "gradient"``: a meta-gradient, to be applied by the cloud's outer optimizer.
     ``kind == "delta"``: ``new_params - old_params`` after several local meta-steps.
+    ``local_steps``: how many (1 for a gradient); what normalised aggregation (FedNova)
+    divides by when sites did unequal work.
     """
 
     kind: Literal["gradient", "delta"]
     tensors: Params
     num_tasks: int
     metrics: dict[str, float] = field(default_factory=dict)
+    local_steps: int = 1
 
 
 def task_loss(task_type: TaskType, outputs: Tensor, targets: Tensor) -> Tensor:
