@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metalearn.algorithms import embedding_only
 from metalearn.algorithms.base import TaskType
 from serve.errors import BadInput, TooLarge
 
@@ -38,7 +39,7 @@ class ModelSignature:
     """The inputs a run's models take and the outputs they give, read from its ``config.yaml``.
 
     ``ways`` is the number of classes the model's head outputs; ``None`` for an embedding
-    (ProtoNet), whose classes are those of the support set.
+    (ProtoNet, Matching Networks, Siamese), whose classes are those of the support set.
     """
 
     task_type: TaskType
@@ -51,7 +52,7 @@ class ModelSignature:
     def from_config(config: dict[str, Any]) -> ModelSignature:
         data, alg = config["data"], config["algorithm"]
         regression = data["dataset"] == "sinusoid"
-        ways = None if regression or alg["name"] == "protonet" else int(data["ways"])
+        ways = None if regression or embedding_only(alg["name"]) else int(data["ways"])
         return ModelSignature("regression" if regression else "classification",
                               data["dataset"], alg["name"], ways)
 
