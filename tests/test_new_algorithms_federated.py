@@ -24,6 +24,8 @@ from metalearn.params import max_abs_diff
 from metalearn.sites import SiteTasks, plan_sites
 from metalearn.tasks import TaskBatch
 
+pytestmark = pytest.mark.slow
+
 SITES = 2
 OMNIGLOT = {"dataset": "omniglot", "ways": 3, "shots": 1, "queries": 2}
 CASES: dict[str, dict[str, Any]] = {
