@@ -28,6 +28,7 @@ from experiments.privacy_config import PrivacyConfig
 from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
 from experiments.site_data_config import SiteDataConfig
+from metalearn.algorithms import embedding_only
 from metalearn.attacks import alie_z_max
 from metalearn.storage import Location, is_uri
 from privacy.config import SecAggConfig, majority_threshold
@@ -94,14 +95,28 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    """The network. The algorithm chooses how it is wrapped (ProtoNet: the conv net without a
+    head; Matching Networks and Siamese: their embedding around it; CAVIA: context inputs)."""
+
     name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"
     channels: int = Field(64, ge=1)
     pooling: Literal["stride", "max"] = "stride"
     hidden: int = Field(40, ge=1)
+    fce: bool = Field(False, description="matching: full context embeddings (LSTMs)")
+    fce_steps: int = Field(5, ge=1, description="matching with fce: attention LSTM steps")
+    twin_units: int = Field(128, ge=1, description="siamese: the twin's sigmoid layer")
+    context: int | None = Field(None, ge=1, description="cavia: context parameters; "
+                                "default 4 (sinusoid) or 100 (conv, through FiLM)")
+
+
+#: Model settings that belong to one algorithm: setting one for another is an error.
+MODEL_SETTINGS_OF = {"fce": "matching", "fce_steps": "matching", "twin_units": "siamese",
+                     "context": "cavia"}
 
 
 class AlgorithmConfig(Section):
-    name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet"] = "maml"
+    name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet", "matching",
+                  "siamese", "cavia"] = "maml"
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)
     test_steps: int | None = Field(None, ge=0, description="default: inner_steps")
@@ -476,9 +491,14 @@ class ExperimentConfig(Section):
         if self.model.name != source.model:
             raise ValueError(f"model {self.model.name!r} does not fit dataset "
                              f"{self.data.dataset!r}; use {source.model!r}")
-        if source.task_type == "regression" and self.algorithm.name == "protonet":
-            raise ValueError(f"protonet is a classifier; it cannot learn {self.data.dataset} "
+        alg = self.algorithm.name
+        if source.task_type == "regression" and embedding_only(alg):
+            raise ValueError(f"{alg} is a classifier; it cannot learn {self.data.dataset} "
                              "regression")
+        for key in sorted(self.model.model_fields_set & set(MODEL_SETTINGS_OF)):
+            if MODEL_SETTINGS_OF[key] != alg:
+                raise ValueError(f"model.{key} is a setting of algorithm "
+                                 f"{MODEL_SETTINGS_OF[key]!r}, not of {alg!r}")
         if self.model.name == "omniglot_conv" and self.model.pooling == "max":
             _, height, width = self.data.input_shape()
             if min(height, width) < 16:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from metalearn.algorithms import build_algorithm
+from metalearn.algorithms import build_algorithm, embedding_only
 from metalearn.algorithms.base import MetaAlgorithm, TaskType
 from metalearn.data.registry import get_source
 from metalearn.data.source import TaskSampler
@@ -31,13 +31,26 @@ def input_shape(data: Mapping[str, Any]) -> tuple[int, ...]:
 
 def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
                       algorithm: Mapping[str, Any]) -> nn.Module:
+    """The network of ``model``, in the shape ``algorithm`` needs (see ``ModelConfig``)."""
+    name = algorithm["name"]
     if model["name"] == "sinusoid_mlp":
+        if name == "cavia":
+            return build_model("cavia_mlp", hidden=model.get("hidden", 40),
+                               context=model.get("context") or 4)
         return build_model("sinusoid_mlp", hidden=model.get("hidden", 40))
     channels, *size = input_shape(data)
-    ways = 0 if algorithm["name"] == "protonet" else int(data["ways"])
-    return build_model("omniglot_conv", ways=ways, channels=model.get("channels", 64),
-                       pooling=model.get("pooling", "stride"), in_channels=channels,
-                       image_size=tuple(size))
+    conv = {"channels": model.get("channels", 64), "pooling": model.get("pooling", "stride"),
+            "in_channels": channels, "image_size": tuple(size)}
+    if name == "matching":
+        return build_model("matching_net", fce=model.get("fce", False),
+                           fce_steps=model.get("fce_steps", 5), **conv)
+    if name == "siamese":
+        return build_model("siamese_net", hidden=model.get("twin_units", 128), **conv)
+    if name == "cavia":
+        return build_model("cavia_conv", ways=int(data["ways"]),
+                           context=model.get("context") or 100, **conv)
+    ways = 0 if embedding_only(name) else int(data["ways"])
+    return build_model("omniglot_conv", ways=ways, **conv)
 
 
 def algorithm_from_config(config: Mapping[str, Any]) -> MetaAlgorithm:

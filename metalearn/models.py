@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Pooling = Literal["stride", "max"]
@@ -79,9 +80,160 @@ class SinusoidMLP(nn.Module):
         return self.head(self.body(x))
 
 
+class MatchingNet(nn.Module):
+    """The embeddings of Matching Networks (Vinyals et al., 2016): a Conv-4 encoder, and
+    optionally the full context embeddings (FCE).
+
+    ``forward(x)`` embeds a *support set* as a sequence: ``g(x_i, S)``, the encoder output
+    plus, with FCE, both directions of a bidirectional LSTM run over the support set in
+    order (``g = h_fwd + h_bwd + g'``). ``forward(x, support=G)`` embeds *queries* against
+    the support embeddings ``G``: ``f(x, S)``, with FCE ``fce_steps`` steps of an attention
+    LSTM that reads over ``G`` (``h_k = LSTM(f', h_{k-1} + r_{k-1}) + f'``, ``r`` the
+    softmax-over-dot-products read; the paper concatenates ``[h, r]``, here they are added so
+    that the cell's state keeps the embedding's size). Without FCE both are the encoder alone.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", fce: bool = False,
+                 fce_steps: int = 5, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if fce_steps < 1:
+            raise ValueError(f"fce_steps must be >= 1, got {fce_steps}")
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.embedding_dim = self.encoder.embedding_dim
+        self.fce, self.fce_steps = bool(fce), int(fce_steps)
+        if self.fce:
+            d = self.embedding_dim
+            self.support_lstm = nn.LSTM(d, d, batch_first=True, bidirectional=True)
+            self.query_lstm = nn.LSTMCell(d, d)
+
+    def forward(self, x: Tensor, support: Tensor | None = None) -> Tensor:
+        e = self.encoder(x)
+        if not self.fce:
+            return e
+        if support is None:
+            out, _ = self.support_lstm(e.unsqueeze(0))
+            d = self.embedding_dim
+            return out[0, :, :d] + out[0, :, d:] + e
+        h, c = torch.zeros_like(e), torch.zeros_like(e)
+        r = torch.zeros_like(e)
+        for _ in range(self.fce_steps):
+            h_hat, c = self.query_lstm(e, (h + r, c))
+            h = h_hat + e
+            r = torch.softmax(h @ support.T, dim=-1) @ support
+        return h
+
+
+class SiameseNet(nn.Module):
+    """The convolutional twin of Koch et al. (2015), sized for 28×28 Omniglot.
+
+    ``forward(x)`` is the twin: a Conv-4 encoder and a fully connected sigmoid layer (the
+    paper's 4096-unit layer; ``hidden`` units here). ``distance(h1, h2)`` is the paper's
+    weighted L1 distance before its sigmoid, ``Σ_j α_j |h1_j − h2_j| + b``: a logit that two
+    inputs are of the same class.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", hidden: int = 128,
+                 in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.features = nn.Linear(self.encoder.embedding_dim, hidden)
+        self.distance_head = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.features(self.encoder(x)))
+
+    def distance(self, h1: Tensor, h2: Tensor) -> Tensor:
+        """Same-class logits ``[A, B]`` of every pair of twin features ``h1 [A, H]``,
+        ``h2 [B, H]``."""
+        return weighted_l1(h1, h2, self.distance_head.weight, self.distance_head.bias)
+
+
+def weighted_l1(h1: Tensor, h2: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Koch et al.'s distance before its sigmoid, ``Σ_j α_j |h1_j − h2_j| + b``, for every
+    pair: [A, B] from [A, H] and [B, H], ``weight`` [1, H] (the α), ``bias`` [1]."""
+    return F.linear((h1.unsqueeze(-2) - h2.unsqueeze(-3)).abs(), weight, bias).squeeze(-1)
+
+
+class CaviaMLP(nn.Module):
+    """The sinusoid regressor of CAVIA (Zintgraf et al., 2019): the 1-40-40-1 MLP whose input is
+    concatenated with ``context`` (a parameter the inner loop adapts from zero; the outer
+    loop never moves it)."""
+
+    def __init__(self, hidden: int = 40, context: int = 4) -> None:
+        super().__init__()
+        if context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.context = nn.Parameter(torch.zeros(context))
+        self.body = nn.Sequential(nn.Linear(1 + context, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self.context.expand(*x.shape[:-1], self.context.shape[0])
+        return self.head(self.body(torch.cat([x, ctx], dim=-1)))
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation by a context vector: ``(1 + γ(φ)) · h + β(φ)``, with
+    ``(γ, β)`` linear in φ. The bias starts at zero, so a zero context is the identity; the
+    weights keep torch's default initialisation (at zero weights the context would get no
+    gradient, and the weights none through it: a stationary point CAVIA never leaves)."""
+
+    def __init__(self, context: int, channels: int) -> None:
+        super().__init__()
+        self.film = nn.Linear(context, 2 * channels)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, h: Tensor, context: Tensor) -> Tensor:
+        gamma, beta = self.film(context).chunk(2)
+        shape = (1, -1) + (1,) * (h.dim() - 2)
+        return (1 + gamma).reshape(shape) * h + beta.reshape(shape)
+
+
+class CaviaConvNet(nn.Module):
+    """CAVIA's classifier: the MAML paper's Omniglot Conv-4 with a FiLM layer after each block's
+    BatchNorm, driven by ``context`` (adapted in the inner loop, zero at the start of each
+    task); the convolutions and the head are meta-learned only."""
+
+    def __init__(self, ways: int = 5, channels: int = 64, pooling: Pooling = "stride",
+                 context: int = 100, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.context = nn.Parameter(torch.zeros(context))
+        stride = 2 if pooling == "stride" else 1
+        self.pooling = pooling
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride, 1)
+            for i in range(4))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels, track_running_stats=False)
+                                   for _ in range(4))
+        self.films = nn.ModuleList(FiLM(context, channels) for _ in range(4))
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        for _ in range(4):
+            height, width = (((height + 1) // 2, (width + 1) // 2) if pooling == "stride"
+                             else (height // 2, width // 2))
+        self.head = nn.Linear(channels * height * width, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        for conv, norm, film in zip(self.convs, self.norms, self.films, strict=True):
+            x = F.relu(film(norm(conv(x)), self.context))
+            if self.pooling == "max":
+                x = F.max_pool2d(x, 2)
+        return self.head(x.flatten(1))
+
+
 def build_model(name: str, **kwargs: object) -> nn.Module:
-    """Build a model by name: ``omniglot_conv`` or ``sinusoid_mlp``."""
-    builders = {"omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP}
+    """Build a model by name (``omniglot_conv``, ``sinusoid_mlp``, ``matching_net``,
+    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``)."""
+    builders: dict[str, type[nn.Module]] = {
+        "omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP,
+        "matching_net": MatchingNet, "siamese_net": SiameseNet, "cavia_mlp": CaviaMLP,
+        "cavia_conv": CaviaConvNet}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name](**kwargs)  # type: ignore[arg-type]

@@ -142,9 +142,11 @@ class Ingress:
         """Predict a batch of inputs with a meta-model version or an adapted model."""
         ref = self.store.resolve(model_id)
         signature = self.store.run_of(ref).signature
-        if signature.algorithm == "protonet" and ref.kind == "meta":
-            raise BadInput("a ProtoNet meta-model is an embedding with no classes: adapt it on "
-                           "a support set (POST /v1/adapt) and predict with the id it returns")
+        if signature.ways is None and signature.task_type == "classification" \
+                and ref.kind == "meta":
+            raise BadInput(f"a {signature.algorithm} meta-model is an embedding with no "
+                           "classes: adapt it on a support set (POST /v1/adapt) and predict "
+                           "with the id it returns")
         x = signature.read(body.inputs, body.inputs_b64, self.settings.max_inputs)
         out = await self._ask(response, ref, "predict", ref.id, x)
         return {"model_id": model_id, "resolved_model_id": ref.id, "run": ref.run,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metalearn.algorithms import embedding_only
 from metalearn.algorithms.base import TaskType
 from metalearn.data.registry import get_source
 from serve.errors import BadInput, TooLarge
@@ -50,8 +51,8 @@ class ModelSignature:
 
     ``input_shape`` is one input's shape, from the data set (``(channels, height, width)``
     for images, ``(1,)`` for sinusoid x values); ``ways`` is the number of classes the model's
-    head outputs, ``None`` for an embedding (ProtoNet), whose classes are those of the support
-    set.
+    head outputs, ``None`` for an embedding (ProtoNet, Matching Networks, Siamese), whose
+    classes are those of the support set.
     """
 
     task_type: TaskType
@@ -66,7 +67,7 @@ class ModelSignature:
         data, alg = config["data"], config["algorithm"]
         source = get_source(data)
         regression = source.task_type == "regression"
-        ways = None if regression or alg["name"] == "protonet" else int(data["ways"])
+        ways = None if regression or embedding_only(alg["name"]) else int(data["ways"])
         return ModelSignature(source.task_type, data["dataset"], alg["name"], ways,
                               tuple(source.input_shape(data)))
 

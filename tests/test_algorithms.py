@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms import ALGORITHMS, build_algorithm, hyperparameters
+from metalearn.algorithms import ALGORITHMS, build_algorithm, embedding_only, hyperparameters
 from metalearn.algorithms.protonet import PROTOTYPES
+from metalearn.models import CaviaMLP, SiameseNet
 from metalearn.params import max_abs_diff
 from metalearn.tasks import TaskBatch
 
@@ -239,13 +240,17 @@ def test_protonet_batch_equals_per_task() -> None:
 
 
 def test_registry_names_and_hyperparameters() -> None:
-    assert set(ALGORITHMS) == {"maml", "fomaml", "reptile", "anil", "metasgd", "protonet"}
+    assert set(ALGORITHMS) == {"maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
+                               "matching", "siamese", "cavia"}
     assert "first_order" in hyperparameters("maml")
     assert "first_order" not in hyperparameters("fomaml")
     assert "impl" not in hyperparameters("metasgd")
+    models = {"protonet": nn.Sequential(nn.Linear(3, 2)),
+              "matching": nn.Sequential(nn.Linear(3, 2)),
+              "siamese": SiameseNet(channels=2, hidden=3), "cavia": CaviaMLP(context=2)}
     for name in ALGORITHMS:
-        model = Linear(3) if name != "protonet" else nn.Sequential(nn.Linear(3, 2))
-        task_type = "classification" if name == "protonet" else "regression"
+        model = models.get(name, Linear(3))
+        task_type = "classification" if embedding_only(name) else "regression"
         alg = build_algorithm(name, model, task_type, inner_lr=0.1, inner_steps=1,
                               test_steps=None)
         assert alg.name == name

@@ -9,6 +9,9 @@ reptile    Reptile (meta-gradient = θ − mean of adapted θ)
 anil       ANIL: only ``head.*`` adapts in the inner loop
 metasgd    Meta-SGD: learned per-element inner learning rates ``lr.<name>``
 protonet   prototypical networks over an embedding model (``ways=0``)
+matching   Matching Networks: cosine attention over support embeddings (FCE optional)
+siamese    Siamese networks: a twin trained on same/different pairs, weighted L1 distance
+cavia      CAVIA: only the context parameters (``context``, reset to 0) adapt
 =========  =======================================================================
 """
 
@@ -20,10 +23,13 @@ from torch import nn
 
 from metalearn.algorithms.anil import ANIL
 from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate, TaskType
+from metalearn.algorithms.cavia import CAVIA
 from metalearn.algorithms.maml import FOMAML, MAML
+from metalearn.algorithms.matching import MatchingNetworks
 from metalearn.algorithms.metasgd import MetaSGD
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.algorithms.reptile import Reptile
+from metalearn.algorithms.siamese import SiameseNetworks
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "maml": MAML,
@@ -32,6 +38,9 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "anil": ANIL,
     "metasgd": MetaSGD,
     "protonet": ProtoNet,
+    "matching": MatchingNetworks,
+    "siamese": SiameseNetworks,
+    "cavia": CAVIA,
 }
 
 
@@ -47,6 +56,12 @@ def hyperparameters(name: str) -> list[str]:
     cls = _lookup(name)
     sig = inspect.signature(cls.__init__)
     return [p for p in sig.parameters if p not in ("self", "model", "task_type")]
+
+
+def embedding_only(name: str) -> bool:
+    """Whether the algorithm's meta-model has no classes of its own (a metric learner: its
+    classes are those of the support set it is adapted on), which serving must know."""
+    return bool(_lookup(name).embedding_only)
 
 
 def _lookup(name: str) -> type[MetaAlgorithm]:
@@ -69,5 +84,6 @@ def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classifi
     return cls(model, task_type, **hyper)  # type: ignore[arg-type]
 
 
-__all__ = ["ALGORITHMS", "ANIL", "FOMAML", "MAML", "MetaAlgorithm", "MetaSGD", "MetaUpdate",
-           "ProtoNet", "Reptile", "build_algorithm", "hyperparameters", "register_algorithm"]
+__all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MatchingNetworks", "MetaAlgorithm",
+           "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks", "build_algorithm",
+           "embedding_only", "hyperparameters", "register_algorithm"]

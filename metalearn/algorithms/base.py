@@ -67,6 +67,9 @@ class MetaAlgorithm(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: True for metric learners (ProtoNet, Matching Networks, Siamese): the meta-model is an
+    #: embedding with no classes; only an adapted state predicts.
+    embedding_only: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, task_type: TaskType = "classification",
                  inner_lr: float = 0.4, inner_steps: int = 1,

@@ -41,6 +41,7 @@ class ProtoNet(MetaAlgorithm):
     """
 
     name: ClassVar[str] = "protonet"
+    embedding_only: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, task_type: TaskType = "classification",
                  inner_lr: float = 0.4, inner_steps: int = 1, test_steps: int | None = None,
