@@ -100,6 +100,7 @@ class MatchingNet(nn.Module):
         if fce_steps < 1:
             raise ValueError(f"fce_steps must be >= 1, got {fce_steps}")
         self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
         self.embedding_dim = self.encoder.embedding_dim
         self.fce, self.fce_steps = bool(fce), int(fce_steps)
         if self.fce:
@@ -137,6 +138,7 @@ class SiameseNet(nn.Module):
                  in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
         super().__init__()
         self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
         self.features = nn.Linear(self.encoder.embedding_dim, hidden)
         self.distance_head = nn.Linear(hidden, 1)
 
@@ -212,6 +214,7 @@ class CaviaConvNet(nn.Module):
                                    for _ in range(4))
         self.films = nn.ModuleList(FiLM(context, channels) for _ in range(4))
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.input_shape = (int(in_channels), int(height), int(width))
         for _ in range(4):
             height, width = (((height + 1) // 2, (width + 1) // 2) if pooling == "stride"
                              else (height // 2, width // 2))

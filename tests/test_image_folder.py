@@ -22,7 +22,7 @@ from PIL import Image
 
 from experiments.cli import main
 from experiments.config import ConfigError, parse_config
-from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms import ALGORITHMS, hyperparameters
 from metalearn.data import image_folder
 from metalearn.data.class_episodes import ClassEpisodes, ClassImages, SmallClassWarning
 from metalearn.data.image_folder import ImageFolderError, load_image_folder
@@ -218,7 +218,8 @@ def test_every_algorithm_learns_from_rgb_non_square_images(
         folder: tuple[Path, dict[str, int]], algorithm: str) -> None:
     root, _ = folder
     raw = config(root)
-    raw["algorithm"] = {"name": algorithm, "inner_lr": 0.1, "options": {"strategy": "loop"}}
+    options = {"strategy": "loop"} if "strategy" in hyperparameters(algorithm) else {}
+    raw["algorithm"] = {"name": algorithm, "inner_lr": 0.1, "options": options}
     cfg = parse_config(raw).to_dict()
     alg = algorithm_from_config(cfg)
     assert alg.model.input_shape == (3, *HW)
