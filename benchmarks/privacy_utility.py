@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def cell_config(epsilon: float | None, *, delta: float, rate: float, rounds: int
     if epsilon is not None:
         z = calibrate(epsilon, delta, rate, rounds, devices)
         fed["privacy"] = {
-            "unit": "device", "clip_norm": 1.0, "noise_multiplier": round(z, 4),
+            "unit": "device", "clip_norm": 1.0,
+            "noise_multiplier": math.ceil(z * 1e4) / 1e4,  # rounded up: within the target
             "delta": delta, "sampling": "poisson",
             "adaptive_clip": {"target_quantile": 0.5, "clip_lr": 0.2,
                               "count_noise_std": vote_noise_std(rate * devices * SITES)},
