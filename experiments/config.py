@@ -495,8 +495,10 @@ class ExperimentConfig(Section):
         if source.task_type == "regression" and embedding_only(alg):
             raise ValueError(f"{alg} is a classifier; it cannot learn {self.data.dataset} "
                              "regression")
-        for key in sorted(self.model.model_fields_set & set(MODEL_SETTINGS_OF)):
-            if MODEL_SETTINGS_OF[key] != alg:
+        for key in sorted(MODEL_SETTINGS_OF):
+            # a value away from its default, not a key present: a saved config has every key
+            default = type(self.model).model_fields[key].default
+            if MODEL_SETTINGS_OF[key] != alg and getattr(self.model, key) != default:
                 raise ValueError(f"model.{key} is a setting of algorithm "
                                  f"{MODEL_SETTINGS_OF[key]!r}, not of {alg!r}")
         if self.model.name == "omniglot_conv" and self.model.pooling == "max":
