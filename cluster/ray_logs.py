@@ -113,7 +113,7 @@ def log_dir_for(run_dir: str | os.PathLike[str]) -> Path:
     """Where this process writes a run's log files: ``RUN/logs`` for a local run folder; for a
     run in object storage (``s3://...``), a local folder named after it (a log handler needs a
     local file)."""
-    where = os.fspath(run_dir)
+    where = str(run_dir)  # a run-storage Location prints its URI; it is no local path
     scheme, sep, rest = where.partition("://")
     if sep and scheme.lower() != "file":
         name = rest.rstrip("/").rsplit("/", 1)[-1] or "run"
