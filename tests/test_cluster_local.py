@@ -143,7 +143,7 @@ def test_site_pinned_replica_serves_from_the_sites_node(cluster: ClusterInfo) ->
         "eval": {"episodes": 5, "batch": 5, "steps_list": [0, 1]}}), echo=lambda _: None)
     here = ModelStore([uri], cache_size=2)  # this process: the head's node, not site-1's
     elsewhere = here.adapt(here.get("latest"), torch.tensor([[0.0], [1.0]]),
-                           torch.tensor([0.0, 0.8]), steps=1)
+                           torch.tensor([[0.0], [0.8]]), steps=1)  # targets [N, 1]
     connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
     try:
         handle = start({"run_dirs": [uri], "site": "site-1"}, ingress="proxy",
