@@ -37,6 +37,7 @@ demo: $(STAMP)
 	$(BIN)/edgemeta demo
 
 test: $(STAMP)
+	scripts/ensure_chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests

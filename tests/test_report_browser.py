@@ -2,7 +2,8 @@
 and the page logs no console error. The federated run behind it is the real command in its
 own process (non-terminal stdout), which also shows that Ray's log lines stay off the console.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when missing).
+Needs Debian's ``chromium`` and ``chromium-driver`` (`make test` installs them when missing,
+through scripts/ensure_chromium.sh).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def browser() -> Iterator[Any]:
     driver_bin = shutil.which("chromedriver")
     if chromium is None or driver_bin is None:
         pytest.fail("this test needs Chromium and its driver: apt-get install -y chromium "
-                    "chromium-driver (.ci/run does it when they are missing)")
+                    "chromium-driver (make test does it when they are missing)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
