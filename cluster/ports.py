@@ -20,17 +20,21 @@ def free_port(host: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+def can_bind(host: str, port: int) -> bool:
+    """Whether a TCP listener could take ``port`` on ``host`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def port_free(port: int) -> bool:
     """Whether ``port`` can be bound both on every interface and on loopback (Ray's GCS binds
     the former, its dashboard the latter)."""
-    for host in ("", "127.0.0.1"):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
+    return all(can_bind(host, port) for host in ("", "127.0.0.1"))
 
 
 def first_free_port(start: int, stop: int) -> int:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from cluster import ray_logs
 from cluster.console import Printer
-from cluster.ports import free_port
+from cluster.ports import can_bind, free_port
 from metalearn.storage import location
 
 Ingress = Literal["haproxy", "proxy"]
@@ -240,18 +240,6 @@ def explain_start_failure(err: BaseException, host: str, port: int,
     return f"{type(err).__name__}: {first}"
 
 
-def _port_taken(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
         token_file: str | None = None, ingress: Ingress | None = None, site: str | None = None,
         num_replicas: int = 1, address: str | None = None,
@@ -265,7 +253,7 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     for d in run_dirs:  # a local folder or a URI in run storage (s3://bucket/runs/NAME)
         if not (location(d) / "config.yaml").is_file():
             raise FileNotFoundError(f"{d} is not a run folder: config.yaml is missing")
-    if address is None and _port_taken(host, port):
+    if address is None and not can_bind(host, port):
         raise StartError(f"port {port} on {host} is taken by another process: stop it or "
                          f"choose another port with --port")
     app_settings = {"run_dirs": [str(location(d).resolve()) for d in run_dirs], "site": site,

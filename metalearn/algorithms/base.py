@@ -51,6 +51,11 @@ def task_loss(task_type: TaskType, outputs: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(outputs, targets)
 
 
+def leaf_grads(leaves: Params) -> Params:
+    """The gradients that ``backward`` left on ``leaves`` (zeros where none reached)."""
+    return {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
+
+
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=-1) == targets).float().mean()
 

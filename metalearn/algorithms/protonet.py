@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaAlgorithm, TaskType
+from metalearn.algorithms.base import MetaAlgorithm, TaskType, leaf_grads
 from metalearn.params import Params
 from metalearn.tasks import TaskBatch
 
@@ -77,8 +77,7 @@ class ProtoNet(MetaAlgorithm):
                     for t in tasks]
             losses, accs = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         losses.mean().backward()
-        grads = {k: v.grad if v.grad is not None else torch.zeros_like(v)
-                 for k, v in leaves.items()}
+        grads = leaf_grads(leaves)
         return grads, {"loss_after": float(losses.detach().mean()),
                        "acc_after": float(accs.mean())}
 

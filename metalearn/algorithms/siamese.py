@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaAlgorithm, TaskType
+from metalearn.algorithms.base import MetaAlgorithm, TaskType, leaf_grads
 from metalearn.models import weighted_l1
 from metalearn.params import Params
 from metalearn.tasks import TaskBatch
@@ -102,8 +102,7 @@ class SiameseNetworks(MetaAlgorithm):
             accs.append((scores.argmax(-1) == t.query_y).float().mean())
         loss = torch.stack(losses).mean()
         loss.backward()
-        grads = {k: v.grad if v.grad is not None else torch.zeros_like(v)
-                 for k, v in leaves.items()}
+        grads = leaf_grads(leaves)
         return grads, {"loss_after": float(loss.detach()),
                        "acc_after": float(torch.stack(accs).mean())}
 
