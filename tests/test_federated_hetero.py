@@ -9,7 +9,6 @@ The module starts ``ray.cluster_utils.Cluster`` (see ``tests/helpers.py``): a he
 from __future__ import annotations
 
 import shutil
-import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -168,12 +167,14 @@ def test_a_quarter_speed_site_is_four_times_slower_at_the_same_work(cluster,
         params = algorithm_from_config(spec).init_params()
         flat = FlatLayout.of(params).pack(params)
         took: dict[str, list[float]] = {"site-0": [], "site-1": []}
-        for r in range(1, 4):
+        for r in range(1, 6):
             for site, edge in edges.items():
                 t = ray.get(edge.round.remote(flat, r, [0])).timings
-                took[site].append(t.compute_s)
+                if r > 1:  # round 1 warms up (first calls, allocations)
+                    took[site].append(t.compute_s)
                 assert (t.idle_s > 0) == (site == "site-1")  # the duty cycle idled
-        ratio = statistics.median(took["site-1"]) / statistics.median(took["site-0"])
+        # the fastest of 4 rounds each: what other processes on this machine add only slows
+        ratio = min(took["site-1"]) / min(took["site-0"])
         assert 2.8 < ratio < 5.5, (ratio, took)
     finally:
         for edge in edges.values():
