@@ -1,4 +1,5 @@
-"""Matching Networks, Siamese networks and CAVIA (on sinusoid; its conv net is checked centralized) trained by real edge actors on Ray.
+"""Matching Networks, Siamese networks and CAVIA (on sinusoid; its conv net is checked
+centralized) trained by real edge actors on Ray.
 
 What a site returns is parameter-shaped (the meta-gradient over its own tasks), so with one
 local step and every site taking part a federated round must equal one centralized step over the
