@@ -69,8 +69,10 @@ def one_start(run_dir: Path, hogs: int, ingress: str, env: dict[str, str],
         cmd.send_signal(signal.SIGTERM)
         cmd.wait(timeout=300)
     lines = log.read_text().strip().splitlines()
-    log.unlink()
-    return answered, took, lines[-1] if lines else ""
+    if lines[-1:] == ["edgemeta serve: shutting down"]:
+        log.unlink()
+        return answered, took, lines[-1]
+    return answered, took, f"{(lines[-1] if lines else '')[:90]} (whole output: {log})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             load = os.getloadavg()[0]
             ok, took, last = one_start(run_dir, hogs, args.ingress, env, args.limit_s)
             print(f"| {hogs} | {i + 1} | {'yes' if ok else 'no'} | {took:.0f} | {load:.1f} | "
-                  f"{last[:90]} |", flush=True)
+                  f"{last if '(whole output' in last else last[:90]} |", flush=True)
     return 0
 
 

@@ -24,8 +24,10 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,15 +192,16 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                     kwargs.setdefault("resources", dict(resources))
             ray.init(**kwargs)
         ray_logs.route_driver_logs(log_dir, echo)
-        start_serve({"host": host, "port": port}, proxy_location, echo)
         apps = {app_name: (route_prefix, settings), **dict(extra_apps or {})}
-        for name, (prefix, app_settings) in apps.items():
-            serve.run(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
-                                else app_settings),
-                      name=name, route_prefix=prefix, blocking=False)
-        _wait_running(list(apps), timeout_s)
-        if _is_local(address):  # the ingress itself answers (a replaced proxy is back)
-            wait_answering(_url(host, port), max(10.0, deadline - time.monotonic()))
+        with sigterm_interrupts():
+            start_serve({"host": host, "port": port}, proxy_location, echo)
+            for name, (prefix, app_settings) in apps.items():
+                serve.run(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
+                                    else app_settings),
+                          name=name, route_prefix=prefix, blocking=False)
+            _wait_running(list(apps), timeout_s)
+            if _is_local(address):  # the ingress itself answers (a replaced proxy is back)
+                wait_answering(_url(host, port), max(10.0, deadline - time.monotonic()))
     except BaseException:
         try:
             serve.shutdown()
@@ -208,6 +211,26 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
             _restore(saved, saved_auth, workdir)
         raise
     return Served(_url(host, port), chosen, list(apps), owns_ray, workdir, saved, saved_auth)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While Serve starts, SIGTERM raises KeyboardInterrupt, so the start is undone (Serve and
+    a Ray started here shut down) and the process ends cleanly. Left to Ray, SIGTERM exits at
+    once and Ray's core worker prints a stack dump on the console (a start takes minutes on a
+    busy machine: a supervisor's stop can well land in it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _url(host: str, port: int) -> str:
@@ -287,6 +310,9 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     try:
         served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
                        proxy_location=proxy_location, log_dir=log_dir, echo=echo)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while starting; start undid itself
+        echo("edgemeta serve: stopped before it was serving")
+        return 130
     except Exception as err:
         import traceback
 

@@ -27,7 +27,6 @@ from helpers import train_tiny_run
 
 from cluster.ports import free_port
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 600  # a guard against a hang, not a speed target (benchmarks/serve_busy.py)
 
@@ -58,6 +57,7 @@ def _lines(stream: object, into: queue.Queue[str | None]) -> None:
     into.put(None)
 
 
+@pytest.mark.slow
 def test_serve_starts_beside_busy_cores_and_answers(tmp_path: Path,
                                                     hogs: list[subprocess.Popen[bytes]]) -> None:
     run = train_tiny_run(tmp_path, "sine", "sinusoid")
@@ -92,3 +92,21 @@ def test_serve_starts_beside_busy_cores_and_answers(tmp_path: Path,
     assert ours == [f"edgemeta serving {run} at http://127.0.0.1:{port} (ingress: haproxy; "
                     f"docs: http://127.0.0.1:{port}/docs). Ctrl-C to stop.",
                     "edgemeta serve: shutting down"], seen
+
+
+def test_sigterm_while_serve_starts_undoes_the_start() -> None:
+    """A stop that lands in a (long) start raises KeyboardInterrupt there, so ``start`` shuts
+    Serve and Ray down; the handler from before is back afterwards."""
+    from serve.launch import sigterm_interrupts
+
+    def before(*_: object) -> None:
+        raise AssertionError("the handler from before ran during the start")
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted at once
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
