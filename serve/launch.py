@@ -36,7 +36,7 @@ from cluster import auth, ray_logs
 from cluster.console import Printer
 from cluster.ports import can_bind, free_port
 from metalearn.storage import location
-from serve.patience import patient_env, start_serve, wait_answering
+from serve.patience import deploy, patient_env, start_serve, wait_answering
 
 Ingress = Literal["haproxy", "proxy"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
@@ -196,9 +196,8 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
         with sigterm_interrupts():
             start_serve({"host": host, "port": port}, proxy_location, echo)
             for name, (prefix, app_settings) in apps.items():
-                serve.run(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
-                                    else app_settings),
-                          name=name, route_prefix=prefix, blocking=False)
+                deploy(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
+                                 else app_settings), name, prefix, echo)
             _wait_running(list(apps), timeout_s)
             if _is_local(address):  # the ingress itself answers (a replaced proxy is back)
                 wait_answering(_url(host, port), max(10.0, deadline - time.monotonic()))

@@ -16,8 +16,9 @@ controller's ``runtime_env`` (``serve.start(controller_options=...)``; its proxi
 which also covers a cluster started elsewhere. A value already in the caller's environment wins.
 
 And if a proxy is still replaced, :func:`start_serve` connects to the controller, which goes on
-restarting it (with a longer ready check each time), and :func:`wait_answering` waits until the
-ingress actually answers over HTTP.
+restarting it (with a longer ready check each time); :func:`deploy` does not fail a deployment
+because a proxy is still starting; and :func:`wait_answering` waits until the ingress actually
+answers over HTTP.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def start_serve(http_options: Mapping[str, Any], proxy_location: str, echo: Prin
             echo(f"serve: the HTTP proxy was slow to start ({type(err).__name__}; the machine "
                  f"may be busy); waiting for Serve to restart it (try {attempt + 1} of "
                  f"{attempts})")
+
+
+def deploy(app: Any, name: str, route_prefix: str, echo: Printer) -> None:
+    """``serve.run`` (not blocking) that goes on when only the proxies are late.
+
+    ``serve.run`` deploys, then waits up to 60 s for every proxy to serve and raises
+    ``TimeoutError`` if one is still starting: the application is deployed by then, and
+    :func:`wait_answering` waits for the ingress."""
+    from ray import serve
+
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    except TimeoutError as err:
+        if "Proxies not available" not in str(err):
+            raise
+        echo("serve: the HTTP proxy is still starting (the machine may be busy); waiting "
+             "for it to answer")
 
 
 def wait_answering(url: str, timeout_s: float, path: str = "/healthz") -> None:
