@@ -165,3 +165,76 @@ def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+                    ) -> tuple[int, bool]:
+    """One request on an open connection: (status, whether a Retry-After header came back)."""
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, length = _parse_head(head[:-4])
+    retry_after = b"\r\nretry-after:" in head.lower()
+    if length >= 0:
+        await reader.readexactly(length)
+    else:
+        while (size := int(await reader.readuntil(b"\r\n"), 16)) > 0:
+            await reader.readexactly(size + 2)
+        await reader.readexactly(2)
+    return status, retry_after
+
+
+def open_loop(host: str, port: int, path: str, payload: dict[str, Any], rate: float,
+              seconds: float, max_connections: int = 2048) -> list[tuple[float, int, bool]]:
+    """Requests at a fixed ``rate`` a second for ``seconds``, whatever the answers (an open
+    loop: unlike :func:`throughput`, arrivals do not wait for answers, so an overload is
+    offered as it would be by many independent clients).
+
+    Each arrival takes an idle keep-alive connection or opens one (up to
+    ``max_connections``). Returns one ``(milliseconds, status, retry_after_present)`` per
+    request; status -1 is a connection error, -2 an arrival with no connection left."""
+    raw = _request(path, json.dumps(payload).encode(), f"{host}:{port}")
+    results: list[tuple[float, int, bool]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened = 0
+
+    async def one() -> None:
+        nonlocal opened
+        t0 = time.perf_counter()
+        if idle:
+            conn = idle.pop()
+        elif opened < max_connections:
+            opened += 1
+            try:
+                conn = await asyncio.open_connection(host, port)
+            except OSError:
+                opened -= 1
+                results.append(((time.perf_counter() - t0) * 1e3, -1, False))
+                return
+        else:
+            results.append((0.0, -2, False))
+            return
+        try:
+            status, retry_after = await _exchange(*conn, raw)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            conn[1].close()
+            opened -= 1
+            results.append(((time.perf_counter() - t0) * 1e3, -1, False))
+            return
+        results.append(((time.perf_counter() - t0) * 1e3, status, retry_after))
+        idle.append(conn)
+
+    async def run() -> None:
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        for _, writer in idle:
+            writer.close()
+
+    asyncio.run(run())
+    return results

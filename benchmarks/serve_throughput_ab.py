@@ -1,7 +1,7 @@
 """Throughput of one Serve replica under one replica setting, optionally under a profiler.
 
     .venv/bin/python -m benchmarks.serve_throughput_ab [--access-log] [--torch-inline]
-        [--separate-loop] [--disconnect-disabled] [--profile OUT.txt]
+        [--separate-loop] [--disconnect-disabled] [--throughput-optimized] [--profile OUT.txt]
 
 Starts edgemeta's Serve app (HAProxy ingress) on the benchmark's run folder, warms it up for
 2 s, then drives 32 concurrent keep-alive clients for 8 s and prints req/s. With ``--profile``
@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="@serve.batch's wait for more requests (0: batch what is queued)")
     p.add_argument("--disconnect-disabled", action="store_true",
                    help="clients send Serve's x-request-disconnect-disabled: ?1")
+    p.add_argument("--throughput-optimized", action="store_true",
+                   help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's bundle of fast-path settings)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy raw output file")
     p.add_argument("--port", type=int, default=8151)
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1" if args.separate_loop else "0"
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if args.throughput_optimized else "0"
     from serve.launch import start
 
     run_dir = make_run(Path(tempfile.mkdtemp(prefix="serve-ab-")), 64)
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True)
         print(f"req/s {rps:.0f} (access_log={args.access_log}, torch_inline={args.torch_inline},"
               f" separate_loop={args.separate_loop}, batch_wait_ms={args.batch_wait_ms},"
-              f" disconnect_disabled={args.disconnect_disabled}) "
+              f" disconnect_disabled={args.disconnect_disabled},"
+              f" throughput_optimized={args.throughput_optimized}) "
               f"codes {codes}", flush=True)
     finally:
         served.stop()

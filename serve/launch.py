@@ -24,16 +24,19 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cluster import ray_logs
+from cluster import auth, ray_logs
 from cluster.console import Printer
 from cluster.ports import can_bind, free_port
 from metalearn.storage import location
+from serve.patience import deploy, patient_env, start_serve, wait_answering
 
 Ingress = Literal["haproxy", "proxy"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
@@ -70,8 +73,10 @@ def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[s
     ServeController.graceful_shutdown failed. There are infinite retries remaining ...":
     ``RAY_enable_output_error_log_if_still_retry=0`` keeps such still-retried failures off the
     console (a call that finally fails is still reported, by its exception).
+
+    Serve's start-up and health-check timeouts for a busy machine: :mod:`serve.patience`.
     """
-    env = {"RAY_USAGE_STATS_ENABLED": "0",
+    env = {**patient_env(), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_enable_output_error_log_if_still_retry": "0",
            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":
                os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")}
@@ -102,6 +107,7 @@ class Served:
     owns_ray: bool
     workdir: Path | None
     _saved_env: dict[str, str | None] = field(default_factory=dict)
+    _saved_auth: dict[str, str | None] | None = None
 
     def stop(self) -> None:
         """Shut Serve down, then Ray if this process started it; restore the environment."""
@@ -113,13 +119,21 @@ class Served:
         finally:
             if self.owns_ray:
                 ray.shutdown()
-            for k, v in self._saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if self.workdir is not None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            _restore(self._saved_env, self._saved_auth, self.workdir)
+
+
+def _restore(saved: Mapping[str, str | None], saved_auth: Mapping[str, str | None] | None,
+             workdir: Path | None) -> None:
+    """Undo what :func:`start` changed in this process (after Ray is shut down)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if saved_auth is not None:
+        auth.restore_process(saved_auth)
+    if workdir is not None:  # HAProxy's config and sockets
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: int = 8000,
@@ -142,6 +156,7 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
 
     from serve.app import build_app
 
+    deadline = time.monotonic() + timeout_s
     chosen: Ingress = ingress or ("haproxy" if haproxy_available() else "proxy")
     if chosen == "haproxy" and not haproxy_available():
         raise RuntimeError("HAProxy ingress asked for, but no HAProxy binary was found "
@@ -151,6 +166,7 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     owns_ray = False
+    saved_auth: dict[str, str | None] | None = None
     ray_logs.route_driver_logs(log_dir, echo)  # ray.init's own warnings too
     try:
         if not ray.is_initialized():
@@ -165,6 +181,10 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                 # /tmp/ray/ray_current_cluster names (someone else's `ray start`, say).
                 kwargs["address"] = "local"
                 owns_ray = True
+                if auth.AUTH_MODE_ENV not in os.environ:
+                    # Ray would guess (and warn, and write ~/.ray/auth_token): an in-memory
+                    # token for this process's own cluster, as cluster.connect does.
+                    saved_auth = auth.apply_to_process(auth.ephemeral_token_env())
                 kwargs.setdefault("num_cpus", num_cpus)
                 kwargs.setdefault("include_dashboard", False)
                 kwargs.setdefault("_node_ip_address", "127.0.0.1")
@@ -172,30 +192,57 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                     kwargs.setdefault("resources", dict(resources))
             ray.init(**kwargs)
         ray_logs.route_driver_logs(log_dir, echo)
-        serve.start(http_options={"host": host, "port": port},
-                    proxy_location=proxy_location)
         apps = {app_name: (route_prefix, settings), **dict(extra_apps or {})}
-        for name, (prefix, app_settings) in apps.items():
-            serve.run(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
-                                else app_settings),
-                      name=name, route_prefix=prefix, blocking=False)
-        _wait_running(list(apps), timeout_s)
+        with sigterm_interrupts():
+            start_serve({"host": host, "port": port}, proxy_location, echo)
+            for name, (prefix, app_settings) in apps.items():
+                deploy(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
+                                 else app_settings), name, prefix, echo)
+            _wait_running(list(apps), timeout_s)
+            if _is_local(address):  # the ingress itself answers (a replaced proxy is back)
+                wait_answering(_url(host, port), max(10.0, deadline - time.monotonic()))
     except BaseException:
         try:
             serve.shutdown()
         finally:
             if owns_ray:
                 ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if workdir is not None:  # HAProxy's config and sockets of a start that failed
-                shutil.rmtree(workdir, ignore_errors=True)
+            _restore(saved, saved_auth, workdir)
         raise
+    return Served(_url(host, port), chosen, list(apps), owns_ray, workdir, saved, saved_auth)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While Serve starts, SIGTERM raises KeyboardInterrupt, so the start is undone (Serve and
+    a Ray started here shut down) and the process ends cleanly. Left to Ray, SIGTERM exits at
+    once and Ray's core worker prints a stack dump on the console (a start takes minutes on a
+    busy machine: a supervisor's stop can well land in it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return Served(f"http://{shown}:{port}", chosen, list(apps), owns_ray, workdir, saved)
+    return f"http://{shown}:{port}"
+
+
+def _is_local(address: str | None) -> bool:
+    """Whether the head node (where the proxy listens) is this host."""
+    if address is None:
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "local", "auto")
 
 
 def _wait_running(app_names: list[str], timeout_s: float) -> None:
@@ -262,6 +309,9 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     try:
         served = start(app_settings, host=host, port=port, ingress=ingress, address=address,
                        proxy_location=proxy_location, log_dir=log_dir, echo=echo)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while starting; start undid itself
+        echo("edgemeta serve: stopped before it was serving")
+        return 130
     except Exception as err:
         import traceback
 

@@ -262,7 +262,8 @@ class ServeSettings(BaseModel):
     batch_max_images: int = Field(32, ge=1, description="inputs a batched forward pass holds "
                                   "at most (more requests: more passes)")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica that holds models")
-    max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
+    max_queued_requests: int = Field(32, ge=-1, description="-1: unbounded (32 against 256 at "
+                                     "twice the capacity: docs/BENCHMARKS.md, overload)")
     retry_after_s: float = Field(1.0, ge=0)
     backpressure_status: Literal[503, 429] = 503
     models_list_limit: int = Field(200, ge=0, description="adapted models listed by GET /v1/models")

@@ -228,8 +228,14 @@ def test_token_sources(tmp_path: Path) -> None:
 
 
 def test_overload_is_answered_with_503_and_retry_after(url: str) -> None:
+    """Eight slow adaptations at once against one slot and one queue place: the rest are shed
+    with 503 and the configured ``Retry-After``, and the same replica (nothing crashed or
+    restarted) answers afterwards. benchmarks/serve_overload.py measures the same at scale."""
     slow = {"support_inputs": SUPPORT * 5, "support_labels": [0, 1, 2, 3, 4] * 5,
             "steps": 400}
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    before = httpx.post(url + "/secure" + PREDICT, json=GOOD, timeout=60, headers=auth)
+    assert before.status_code == 200
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url + "/secure", timeout=120,
@@ -242,9 +248,9 @@ def test_overload_is_answered_with_503_and_retry_after(url: str) -> None:
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
     rejected = [r for r in responses if r.status_code == 503]
     assert all(r.headers.get("retry-after") == "2" for r in rejected)
-    r = httpx.post(url + "/secure" + PREDICT, json=GOOD, timeout=60,
-                   headers={"authorization": f"Bearer {TOKEN}"})
+    r = httpx.post(url + "/secure" + PREDICT, json=GOOD, timeout=60, headers=auth)
     assert r.status_code == 200
+    assert r.headers["x-edgemeta-replica"] == before.headers["x-edgemeta-replica"]
 
 
 def test_the_python_client_waits_out_an_overload(url: str) -> None:
