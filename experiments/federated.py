@@ -235,11 +235,14 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                      "longer count")
 
         def checkpoint() -> None:
-            save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
+            # the tables (and the guarantee) first, the checkpoint that commits them last: a
+            # driver killed in between resumes from the previous checkpoint and cuts the
+            # tables back to it, never to a checkpoint whose rows it lost
             log.flush()
             cloud.site_log.flush()
             if cloud.privacy is not None:
                 cloud.privacy.write(cfg.run_dir, loop.step)
+            save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
 
         last_trouble: list[str] = []
         for round_idx in loop.steps(save=checkpoint):

@@ -4,8 +4,9 @@ The folder is in run storage (:mod:`metalearn.storage`): a local folder, or a UR
 ``s3://bucket/runs/NAME``; every file is made in memory and written whole.
 
 Metrics accumulate as rows in memory and are flushed to parquet (atomically, the whole table)
-at every checkpoint, so a table on disk always matches a checkpoint and a resumed run continues
-it instead of duplicating or losing rows. A centralized run has one table (``metrics.parquet``,
+just before every checkpoint is written, so a table on disk holds at least the rows up to the
+latest checkpoint (even for a run killed between the two), and a resumed run cuts it back to
+that checkpoint and continues it instead of duplicating or losing rows. A centralized run has one table (``metrics.parquet``,
 a row per step); a federated run adds a row per site and round (``sites.parquet``), and
 :func:`round_row` and :func:`federated_summary` say what a round's row and the summary's
 federated part hold.

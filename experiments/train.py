@@ -88,11 +88,13 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
             log.truncate_to(loop.step)
 
         def checkpoint() -> None:
+            # the table first, the checkpoint that commits it last: a run killed in between
+            # resumes from the previous checkpoint and cuts the table back to it
+            log.flush()
             save_checkpoint(run_dir, loop.step, {
                 "outer": outer.state_dict(), "params": outer.params,
                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "elapsed_s": loop.elapsed_s})
-            log.flush()
 
         shape = (f"{cfg.data.shots}-shot" if task_type(config["data"]) == "regression"
                  else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
