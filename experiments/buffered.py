@@ -177,6 +177,7 @@ def train_buffered(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Ma
             save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(with_sites=False),
                                                      "calls": rounds.calls,
                                                      "elapsed_s": loop.elapsed_s})
+            log.committed(loop.step)
 
         echo(f"asynchronous rounds (FedBuff): an update applied every {k} results, each "
              "weighted 1/sqrt(1 + staleness)")

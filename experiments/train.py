@@ -95,6 +95,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
                 "outer": outer.state_dict(), "params": outer.params,
                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "elapsed_s": loop.elapsed_s})
+            log.committed(loop.step)
 
         shape = (f"{cfg.data.shots}-shot" if task_type(config["data"]) == "regression"
                  else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
@@ -105,6 +106,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
             if on_row is not None:
                 on_row(log.rows[-1])
     if loop.stopped_by:
+        log.close()
         return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
                 "train_time_s": round(loop.elapsed_s, 2)}
 
@@ -114,6 +116,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
                "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
                "train_tasks": loop.step * cfg.train.meta_batch}
     log.write_summary(summary)
+    log.close()
     echo(f"{cfg.name}: {headline(result)} after {loop.step} steps ({loop.elapsed_s:.0f} s)")
     from experiments.report import write_report  # matplotlib: only now
 
