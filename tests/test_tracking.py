@@ -118,7 +118,7 @@ def test_tracking_without_its_package_is_a_one_line_error(
 
 
 def test_tracking_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="tracking.mlfow: unknown key"):
+    with pytest.raises(ConfigError, match=r"tracking\.mlfow: unknown key"):
         parse_config({**RAW, "tracking": {"mlfow": {}}})
     assert parse_config({k: v for k, v in RAW.items() if k != "tracking"}).tracking.enabled is (
         False)
