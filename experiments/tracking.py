@@ -115,13 +115,30 @@ class MlflowTracker:
         self.uri = uri
         try:
             self.client = MlflowClient(tracking_uri=uri)
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (found.experiment_id if found is not None
-                                  else self.client.create_experiment(experiment))
+            self.experiment_id = self._experiment(experiment)
         except (MlflowException, ImportError, OSError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"tracking.mlflow: cannot use the store {uri!r}: {first}") from None
+            hint = ("" if uri.split(":", 1)[0] in ("file", "http", "https") or "://" not in uri
+                    else " (a database store needs the full mlflow package: pip install mlflow)")
+            raise ConfigError(f"tracking.mlflow: cannot use the store {uri!r}{hint}: {first}"
+                              ) from None
         self.run_id = ""
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, made if missing (runs started side by side, as Tune's trials
+        are, may both try: the loser finds the winner's)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
 
     def open(self, name: str, config: Mapping[str, Any], run_id: str | None,
              run_dir: Location) -> None:
