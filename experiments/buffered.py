@@ -170,12 +170,14 @@ def train_buffered(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Ma
             rounds.calls = int(state.get("calls", 0))
 
         def checkpoint() -> None:
+            # the tables first, the checkpoint that commits them last (see federated.py);
             # sites are mid-call: no sampler states (they would wait for the calls)
+            log.flush()
+            cloud.site_log.flush()
             save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(with_sites=False),
                                                      "calls": rounds.calls,
                                                      "elapsed_s": loop.elapsed_s})
-            log.flush()
-            cloud.site_log.flush()
+            log.committed(loop.step)
 
         echo(f"asynchronous rounds (FedBuff): an update applied every {k} results, each "
              "weighted 1/sqrt(1 + staleness)")

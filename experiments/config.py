@@ -10,7 +10,7 @@ aggregation rule against the quorum, compression, local-work budgets, asynchrono
 that the refused combinations and their reasons read in one place. The sections with many keys
 of their own live beside it (:mod:`experiments.aggregation_config`,
 :mod:`experiments.privacy_config`, :mod:`experiments.secagg_config`,
-:mod:`experiments.compression_config`).
+:mod:`experiments.compression_config`, :mod:`experiments.tracking_config`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from experiments.privacy_config import PrivacyConfig
 from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
 from experiments.site_data_config import SiteDataConfig
+from experiments.tracking_config import TrackingConfig
 from metalearn.algorithms import embedding_only
 from metalearn.attacks import alie_z_max
 from metalearn.storage import Location, is_uri
@@ -482,6 +483,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     federated: FederatedConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:

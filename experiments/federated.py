@@ -79,7 +79,6 @@ from experiments.entry import add_run_arguments, config_from_args
 from experiments.loop import RunLoop
 from experiments.run_storage import where_line
 from experiments.runlog import (
-    SITES_FILE,
     RowTable,
     RunLog,
     federated_summary,
@@ -163,7 +162,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
     torch.set_num_threads(1)
     try:
         check_resources(topology)
-        cloud = Cloud.start(cfg, topology, devices, per_site, echo)
+        cloud = Cloud.start(cfg, topology, devices, per_site, log.site_table(), echo)
         # Everything alive now (modules, config, the actors' handles) lives for the run:
         # move it out of the collector's reach, so a full collection mid-round walks only
         # what the rounds allocate (the same trick as Serve's RAY_SERVE_FREEZE_GC_ON_STARTUP).
@@ -203,6 +202,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         echo(f"report: {write_report(cfg.run_dir)}")
         return summary
     finally:
+        log.close()
         gc.unfreeze()
         torch.set_num_threads(threads)
         if cloud is not None:
@@ -235,11 +235,15 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                      "longer count")
 
         def checkpoint() -> None:
-            save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
+            # the tables (and the guarantee) first, the checkpoint that commits them last: a
+            # driver killed in between resumes from the previous checkpoint and cuts the
+            # tables back to it, never to a checkpoint whose rows it lost
             log.flush()
             cloud.site_log.flush()
             if cloud.privacy is not None:
                 cloud.privacy.write(cfg.run_dir, loop.step)
+            save_checkpoint(cfg.run_dir, loop.step, {**cloud.state(), "elapsed_s": loop.elapsed_s})
+            log.committed(loop.step)
 
         last_trouble: list[str] = []
         for round_idx in loop.steps(save=checkpoint):
@@ -360,8 +364,9 @@ class Cloud:
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
-              per_site: int, echo: Printer) -> Cloud:
-        """Initial meta-parameters, the sites' partitions, and one started actor per site."""
+              per_site: int, site_log: RowTable, echo: Printer) -> Cloud:
+        """Initial meta-parameters, the sites' partitions, and one started actor per site;
+        ``site_log``: the run's per-site table."""
         fed = federated_section(cfg)
         privacy = dp.CloudPrivacy.start(fed, devices, cfg.train.steps)  # budget errors first
         torch.manual_seed(cfg.seed)
@@ -386,7 +391,7 @@ class Cloud:
             site_jobs(cfg, topology, plans, devices, per_site, dim=outer.layout.numel),
             {s.name: s.actor_cpus for s in topology.sites}, outer.layout, echo)
         return cls(outer, fed.aggregator.build(), federation, topology,
-                   RowTable(cfg.run_dir / SITES_FILE), num_bytes(outer.params), fed.quorum,
+                   site_log, num_bytes(outer.params), fed.quorum,
                    privacy=privacy,
                    secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel),
                    schedules={s.name: OnOffSchedule(cfg.seed, s.name, s.availability.mean_on_s,

@@ -4,11 +4,13 @@ The folder is in run storage (:mod:`metalearn.storage`): a local folder, or a UR
 ``s3://bucket/runs/NAME``; every file is made in memory and written whole.
 
 Metrics accumulate as rows in memory and are flushed to parquet (atomically, the whole table)
-at every checkpoint, so a table on disk always matches a checkpoint and a resumed run continues
-it instead of duplicating or losing rows. A centralized run has one table (``metrics.parquet``,
-a row per step); a federated run adds a row per site and round (``sites.parquet``), and
-:func:`round_row` and :func:`federated_summary` say what a round's row and the summary's
-federated part hold.
+just before every checkpoint is written, so a table on disk holds at least the rows up to the
+latest checkpoint (even for a run killed between the two), and a resumed run cuts it back to
+that checkpoint and continues it instead of duplicating or losing rows. A centralized run has
+one table (``metrics.parquet``, a row per step); a federated run adds a row per site and round
+(``sites.parquet``), and :func:`round_row` and :func:`federated_summary` say what a round's row
+and the summary's federated part hold. Trackers (MLflow, TensorBoard: :mod:`experiments.tracking`)
+get the tables' rows after each checkpoint is written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from experiments.tracking import Tracking
 from metalearn.storage import PathLike, location
 
 if TYPE_CHECKING:  # typing only: the run log itself needs nothing of Ray
@@ -36,10 +39,14 @@ SUMMARY_FILE = "summary.json"
 
 
 class RowTable:
-    """Rows of one table kept in memory, persisted whole (atomically) as one parquet file."""
+    """Rows of one table kept in memory, persisted whole (atomically) as one parquet file.
+    ``key`` is the column that numbers the rows (a step or round), ``series`` the one that
+    names a series of rows in a table of several (``site``), as trackers name them."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, key: str = "step", series: str | None = None) -> None:
         self.path = location(path)
+        self.key = key
+        self.series = series
         self.rows: list[dict[str, Any]] = []
 
     def append(self, row: dict[str, Any]) -> None:
@@ -48,14 +55,15 @@ class RowTable:
     def extend(self, rows: Iterable[dict[str, Any]]) -> None:
         self.rows.extend(rows)
 
-    def truncate_to(self, step: int, key: str = "step") -> None:
-        """Reload the table on disk and keep rows up to ``step`` (resume after a crash)."""
+    def truncate_to(self, step: int, key: str | None = None) -> None:
+        """Reload the table on disk and keep rows up to ``step`` of ``key`` (default: the
+        table's) (resume after a crash)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return
         df = pd.read_parquet(io.BytesIO(data))
-        self.rows = df[df[key] <= step].to_dict("records")
+        self.rows = df[df[key or self.key] <= step].to_dict("records")
 
     def flush(self) -> None:
         if not self.rows:
@@ -66,20 +74,51 @@ class RowTable:
 
 
 class RunLog(RowTable):
-    """A run's folder: its config, its metrics table (a row per step or round), its summary."""
+    """A run's folder: its config, its metrics table (a row per step or round), its summary;
+    and the one place where a run's rows reach the trackers its config asks for
+    (:mod:`experiments.tracking`): the tables it made are sent after each checkpoint."""
 
     def __init__(self, run_dir: PathLike) -> None:
         self.run_dir = location(run_dir)
         self.run_dir.mkdir()
         super().__init__(self.run_dir / METRICS_FILE)
+        self.tables: list[RowTable] = [self]
+        self.tracking: Tracking | None = None
 
     def write_config(self, config: dict[str, Any]) -> None:
+        """``config.yaml``; and the trackers of its ``tracking`` section, started now so that
+        a missing package is an error before any work."""
         text = yaml.safe_dump(config, sort_keys=False)
         (self.run_dir / CONFIG_FILE).write_text(text)
+        self.tracking = Tracking.start(config, self.run_dir)
+
+    def site_table(self) -> RowTable:
+        """The federated run's ``sites.parquet`` (a row per site and round), tracked too."""
+        table = RowTable(self.run_dir / SITES_FILE, key="round", series="site")
+        self.tables.append(table)
+        return table
+
+    def truncate_to(self, step: int, key: str | None = None) -> None:
+        super().truncate_to(step, key)
+        if self.tracking is not None:
+            self.tracking.resume(step)
+
+    def committed(self, step: int) -> None:
+        """The checkpoint of ``step`` is written (after :meth:`flush`): the trackers get the
+        rows it commits."""
+        if self.tracking is not None:
+            self.tracking.log(step, [(t.rows, t.key, t.series) for t in self.tables])
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps(summary, indent=2, sort_keys=True)
         (self.run_dir / SUMMARY_FILE).write_text(text + "\n")
+        if self.tracking is not None:
+            self.tracking.finish(summary)
+
+    def close(self) -> None:
+        """Release the trackers (at the end of a run, finished or not)."""
+        if self.tracking is not None:
+            self.tracking.close()
 
 
 def read_run_config(run_dir: PathLike) -> dict[str, Any]:

@@ -88,11 +88,14 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
             log.truncate_to(loop.step)
 
         def checkpoint() -> None:
+            # the table first, the checkpoint that commits it last: a run killed in between
+            # resumes from the previous checkpoint and cuts the table back to it
+            log.flush()
             save_checkpoint(run_dir, loop.step, {
                 "outer": outer.state_dict(), "params": outer.params,
                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "elapsed_s": loop.elapsed_s})
-            log.flush()
+            log.committed(loop.step)
 
         shape = (f"{cfg.data.shots}-shot" if task_type(config["data"]) == "regression"
                  else f"{cfg.data.ways}-way {cfg.data.shots}-shot")
@@ -103,6 +106,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
             if on_row is not None:
                 on_row(log.rows[-1])
     if loop.stopped_by:
+        log.close()
         return {**loop.stopped_summary(cfg.name), "train_steps": loop.step,
                 "train_time_s": round(loop.elapsed_s, 2)}
 
@@ -112,6 +116,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = True, echo: Printer = print,
                "train_steps": loop.step, "train_time_s": round(loop.elapsed_s, 2),
                "train_tasks": loop.step * cfg.train.meta_batch}
     log.write_summary(summary)
+    log.close()
     echo(f"{cfg.name}: {headline(result)} after {loop.step} steps ({loop.elapsed_s:.0f} s)")
     from experiments.report import write_report  # matplotlib: only now
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,3 +24,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def heap_given_back() -> Iterator[None]:
+    """An EdgeNode freezes the collector's heap at start (it is an actor's whole life): a module
+    that builds EdgeNode objects in this process gives the heap back afterwards, with
+    ``pytestmark = pytest.mark.usefixtures("heap_given_back")``."""
+    yield
+    gc.unfreeze()

@@ -32,6 +32,20 @@ def train_tiny_run(out: Path, name: str, dataset: str) -> Path:
     return out / name
 
 
+def in_process_site_jobs(cfg: Any) -> dict[str, Any]:
+    """The ``SiteJob`` of each site of ``cfg``'s federated topology, as the driver makes them
+    (one device and two tasks per site), for tests that build ``EdgeNode`` objects in this
+    process."""
+    from experiments.site_jobs import site_jobs
+    from metalearn.sites import plan_sites
+
+    assert cfg.federated is not None
+    topology = cfg.federated.resolved_topology()
+    sites = topology.site_names
+    plans = plan_sites(cfg.to_dict()["data"], sites, cfg.seed)
+    return site_jobs(cfg, topology, plans, dict.fromkeys(sites, 1), 2)
+
+
 @contextmanager
 def embedded_cluster(sites: int) -> Iterator[Any]:
     """An embedded Ray cluster for a test module: a CPU per site actor plus one for cloud

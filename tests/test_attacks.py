@@ -8,24 +8,24 @@ computes in the same round (tasks depend only on seed, site, device and round).
 
 from __future__ import annotations
 
-import gc
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import in_process_site_jobs
 
-from actors.contract import Attack, SiteJob
+from actors.contract import Attack
 from actors.edge import EdgeNode
 from experiments.config import ExperimentConfig, parse_config
-from experiments.site_jobs import site_jobs
 from metalearn import attacks
 from metalearn.local_update import local_update
 from metalearn.params import FlatLayout
-from metalearn.sites import SiteTasks, attack_seed, plan_sites
+from metalearn.sites import SiteTasks, attack_seed
 from metalearn.tasks import TaskBatch
+
+pytestmark = pytest.mark.usefixtures("heap_given_back")
 
 # --------------------------------------------------------------------------- the maths
 
@@ -108,26 +108,11 @@ def config(tmp_path: Path, attack: dict[str, Any] | None, **federated: Any) -> E
     })
 
 
-def jobs(cfg: ExperimentConfig) -> dict[str, SiteJob]:
-    assert cfg.federated is not None
-    topology = cfg.federated.resolved_topology()
-    plans = plan_sites(cfg.to_dict()["data"], SITES, cfg.seed)
-    return site_jobs(cfg, topology, plans, dict.fromkeys(SITES, 1), 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _unfreeze() -> Iterator[None]:
-    """An EdgeNode freezes the collector's heap at start (it is an actor's whole life); give
-    this test process its heap back afterwards."""
-    yield
-    gc.unfreeze()
-
-
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory: pytest.TempPathFactory) -> tuple[EdgeNode, torch.Tensor]:
     """An honest site-4 and the meta-parameters (flat) it is sent."""
     cfg = config(tmp_path_factory.mktemp("honest"), None)
-    edge = EdgeNode(jobs(cfg)["site-4"])
+    edge = EdgeNode(in_process_site_jobs(cfg)["site-4"])
     torch.manual_seed(0)
     params = edge.algorithm.init_params()
     return edge, torch.from_numpy(edge.layout.pack(params))
@@ -138,12 +123,12 @@ def reply_vector(edge: EdgeNode, flat: torch.Tensor, round_idx: int) -> torch.Te
 
 
 def test_site_jobs_carry_the_topology_attack(tmp_path: Path) -> None:
-    out = jobs(config(tmp_path, {"name": "sign_flip", "factor": 3}))
+    out = in_process_site_jobs(config(tmp_path, {"name": "sign_flip", "factor": 3}))
     assert all(out[s].attack is None for s in SITES[:4])
     assert out["site-4"].attack == Attack(name="sign_flip", factor=3.0, sigma=0.0, z=0.0,
                                           samples=0)
     # alie without z: Baruch et al.'s z_max for 5 sites called and 1 attacker (0.2533)
-    alie = jobs(config(tmp_path, {"name": "alie"}))["site-4"].attack
+    alie = in_process_site_jobs(config(tmp_path, {"name": "alie"}))["site-4"].attack
     assert alie is not None and alie.samples == 4
     assert alie.z == pytest.approx(attacks.alie_z_max(5, 1))
     with pytest.raises(ValueError, match="parameters out of range"):
@@ -157,7 +142,7 @@ def test_site_jobs_carry_the_topology_attack(tmp_path: Path) -> None:
 def test_update_attacks_at_the_site(honest: tuple[EdgeNode, torch.Tensor], tmp_path: Path,
                                     attack: dict[str, Any], expected: Any) -> None:
     good, flat = honest
-    bad = EdgeNode(jobs(config(tmp_path, attack))["site-4"])
+    bad = EdgeNode(in_process_site_jobs(config(tmp_path, attack))["site-4"])
     clean, poisoned = good.round(flat.numpy(), 1), bad.round(flat.numpy(), 1)
     assert torch.allclose(torch.from_numpy(poisoned.update),
                           expected(torch.from_numpy(clean.update)))
@@ -170,7 +155,8 @@ def test_update_attacks_at_the_site(honest: tuple[EdgeNode, torch.Tensor], tmp_p
 def test_gaussian_attack_is_seeded_by_seed_site_and_round(honest: tuple[EdgeNode, torch.Tensor],
                                                           tmp_path: Path) -> None:
     _, flat = honest
-    job = jobs(config(tmp_path, {"name": "gaussian", "sigma": 0.1}))["site-4"]
+    job = in_process_site_jobs(config(tmp_path, {"name": "gaussian", "sigma": 0.1}))[
+        "site-4"]
     bad = EdgeNode(job)
     r1, r2 = reply_vector(bad, flat, 1), reply_vector(bad, flat, 2)
     want = attacks.gaussian(flat, 0.1, torch.Generator().manual_seed(
@@ -184,7 +170,8 @@ def test_gaussian_attack_is_seeded_by_seed_site_and_round(honest: tuple[EdgeNode
 def test_alie_attack_uses_honest_updates_the_site_computes(
         honest: tuple[EdgeNode, torch.Tensor], tmp_path: Path) -> None:
     good, flat = honest
-    job = jobs(config(tmp_path, {"name": "alie", "z": 1.0, "samples": 3}))["site-4"]
+    attack = {"name": "alie", "z": 1.0, "samples": 3}
+    job = in_process_site_jobs(config(tmp_path, attack))["site-4"]
     out = reply_vector(EdgeNode(job), flat, 1)
     # By hand: three honest meta-gradients, one after the other on the round's task stream.
     sample = SiteTasks(job.learner["data"], job.data_plan, 1, job.seed).round_sampler([0], 1)
@@ -199,7 +186,7 @@ def test_alie_attack_uses_honest_updates_the_site_computes(
 def test_label_flip_poisons_the_tasks_then_trains_honestly(
         honest: tuple[EdgeNode, torch.Tensor], tmp_path: Path) -> None:
     good, flat = honest
-    job = jobs(config(tmp_path, {"name": "label_flip"}))["site-4"]
+    job = in_process_site_jobs(config(tmp_path, {"name": "label_flip"}))["site-4"]
     out = reply_vector(EdgeNode(job), flat, 1)
     sample = SiteTasks(job.learner["data"], job.data_plan, 1, job.seed).round_sampler([0], 1)
     params = good.layout.unpack(flat)

@@ -10,8 +10,7 @@ rounds on a real multi-node Ray cluster are in ``tests/test_secagg_federated.py`
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import in_process_site_jobs
 
 from actors.contract import RoundReply, SiteJob
 from actors.edge import EdgeNode, SecAggClientLost
@@ -27,11 +27,10 @@ from actors.secure_round import run_secure_round
 from experiments.config import ExperimentConfig, parse_config
 from experiments.dp import CloudPrivacy
 from experiments.secagg import CloudSecAgg, masking_bound
-from experiments.site_jobs import site_jobs
-from metalearn.sites import plan_sites
 from privacy.errors import ProtocolError
 from privacy.fixed_point import clip_l2
 
+pytestmark = pytest.mark.usefixtures("heap_given_back")
 SITES = ["site-0", "site-1", "site-2"]
 CLIP = 0.05
 
@@ -53,21 +52,6 @@ def config(tmp_path: Path, privacy: dict[str, Any] | None = None,
         "train": {"meta_batch": 6},
         "federated": federated,
     })
-
-
-def jobs(cfg: ExperimentConfig) -> dict[str, SiteJob]:
-    assert cfg.federated is not None
-    topology = cfg.federated.resolved_topology()
-    plans = plan_sites(cfg.to_dict()["data"], SITES, cfg.seed)
-    return site_jobs(cfg, topology, plans, dict.fromkeys(SITES, 1), 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _unfreeze() -> Iterator[None]:
-    """An EdgeNode freezes the collector's heap at start (it is an actor's whole life); give
-    this test process its heap back afterwards."""
-    yield
-    gc.unfreeze()
 
 
 class InProcessFederation:
@@ -134,7 +118,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, d
     """The config, the sites' jobs, the flat parameters, and each site's plain update (from a
     twin site without secure aggregation) in rounds 1-8."""
     cfg = config(tmp_path_factory.mktemp("secagg"))
-    site_job = jobs(cfg)
+    site_job = in_process_site_jobs(cfg)
     twins = {s: EdgeNode(replace(job, secagg=None)) for s, job in site_job.items()}
     torch.manual_seed(0)
     edge = next(iter(twins.values()))
@@ -249,7 +233,7 @@ def test_with_distributed_noise_the_sum_is_of_the_noised_releases(tmp_path: Path
                "noise": "distributed", "seed": 3}
     cfg = config(tmp_path, privacy=privacy)
     assert cfg.federated is not None
-    site_job = jobs(cfg)
+    site_job = in_process_site_jobs(cfg)
     fed = InProcessFederation(site_job)
     edge = fed.edges["site-0"]
     torch.manual_seed(0)

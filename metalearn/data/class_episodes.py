@@ -19,13 +19,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metalearn.data.errors import DataSetError
+from metalearn.data.seeded import SeededEpisodes, positive
 from metalearn.tasks import TaskBatch
 
 
@@ -98,12 +98,6 @@ class ClassEpisodeInfo:
     examples: Tensor
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def eligible_classes(images: ClassImages, classes: np.ndarray | Sequence[int], ways: int,
                      need: int, what: str = "the data") -> np.ndarray:
     """``classes`` that hold at least ``need`` examples; warns naming those left out and
@@ -130,7 +124,7 @@ def eligible_classes(images: ClassImages, classes: np.ndarray | Sequence[int], w
     return kept
 
 
-class ClassEpisodes:
+class ClassEpisodes(SeededEpisodes):
     """Seeded sampler of ``ways``-way ``shots``-shot tasks over classes of unequal sizes.
 
     Each task draws ``ways`` distinct classes uniformly among the eligible ones and, for each,
@@ -147,9 +141,10 @@ class ClassEpisodes:
 
     def __init__(self, images: ClassImages, classes: np.ndarray | Sequence[int], ways: int,
                  shots: int, queries: int, seed: int = 0, what: str = "the data") -> None:
-        self.ways = _positive("ways", ways)
-        self.shots = _positive("shots", shots)
-        self.queries = _positive("queries", queries)
+        super().__init__(seed)
+        self.ways = positive("ways", ways)
+        self.shots = positive("shots", shots)
+        self.queries = positive("queries", queries)
         self.images = images
         self.classes = eligible_classes(images, classes, self.ways, self.shots + self.queries,
                                         what)
@@ -157,9 +152,6 @@ class ClassEpisodes:
         self._starts = torch.from_numpy(images.offsets[self.classes])
         self._counts = torch.from_numpy(images.counts[self.classes])
         self._widest = int(self._counts.max())
-        self.seed = int(seed)
-        self._generator = torch.Generator().manual_seed(self.seed)
-        self.episodes_sampled = 0
 
     @property
     def num_classes(self) -> int:
@@ -176,7 +168,7 @@ class ClassEpisodes:
 
     def sample_with_info(self, batch: int) -> tuple[TaskBatch, ClassEpisodeInfo]:
         """Like :meth:`sample`, also saying which class and examples each task got."""
-        batch = _positive("batch", batch)
+        batch = positive("batch", batch)
         g, ways, shots, queries = self._generator, self.ways, self.shots, self.queries
         need = shots + queries
         # Distinct classes per task: top-k of uniform noise is a uniformly random ordered subset.
@@ -203,16 +195,3 @@ class ClassEpisodes:
         batch, ways, n = rows.shape
         return self.images.rows(rows).view(batch, ways * n, *self.images.input_shape)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The generator state (and bookkeeping) needed to resume the episode stream exactly."""
-        return {"seed": self.seed, "rng": self._generator.get_state(),
-                "episodes_sampled": self.episodes_sampled}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            rng = state["rng"]
-        except (KeyError, TypeError) as err:
-            raise ValueError("state must be a dict from ClassEpisodes.state_dict()") from err
-        self._generator.set_state(rng)
-        self.seed = int(state.get("seed", self.seed))
-        self.episodes_sampled = int(state.get("episodes_sampled", 0))

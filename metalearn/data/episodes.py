@@ -13,13 +13,13 @@ captures, so an interrupted run resumes with exactly the episodes it would have 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metalearn.data.omniglot import DRAWERS, IMAGE_SIZE, OmniglotData
+from metalearn.data.seeded import SeededEpisodes, positive
 from metalearn.tasks import TaskBatch
 
 
@@ -36,12 +36,6 @@ class EpisodeInfo:
     drawers: Tensor
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_characters(characters: np.ndarray | Tensor, total: int) -> np.ndarray:
     chars = np.asarray(characters)
     if chars.ndim != 1 or chars.size == 0:
@@ -56,7 +50,7 @@ def _check_characters(characters: np.ndarray | Tensor, total: int) -> np.ndarray
     return chars.astype(np.int64)
 
 
-class OmniglotEpisodes:
+class OmniglotEpisodes(SeededEpisodes):
     """Seeded sampler of batches of ``ways``-way ``shots``-shot tasks over given characters.
 
     Args:
@@ -69,9 +63,10 @@ class OmniglotEpisodes:
 
     def __init__(self, data: OmniglotData, characters: np.ndarray | Tensor, ways: int,
                  shots: int, queries: int, rotations: bool = True, seed: int = 0) -> None:
-        self.ways = _positive("ways", ways)
-        self.shots = _positive("shots", shots)
-        self.queries = _positive("queries", queries)
+        super().__init__(seed)
+        self.ways = positive("ways", ways)
+        self.shots = positive("shots", shots)
+        self.queries = positive("queries", queries)
         if self.shots + self.queries > DRAWERS:
             raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the "
                              f"{DRAWERS} drawings each Omniglot character has")
@@ -83,10 +78,7 @@ class OmniglotEpisodes:
             raise ValueError(f"ways = {self.ways} exceeds the {self.num_classes} classes of "
                              f"{self.characters.size} characters"
                              f"{' with rotations' if self.rotations else ''}")
-        self.seed = int(seed)
         self._chars = torch.from_numpy(self.characters)
-        self._generator = torch.Generator().manual_seed(self.seed)
-        self.episodes_sampled = 0
 
     @property
     def num_classes(self) -> int:
@@ -103,7 +95,7 @@ class OmniglotEpisodes:
 
     def sample_with_info(self, batch: int) -> tuple[TaskBatch, EpisodeInfo]:
         """Like :meth:`sample`, also saying which character, rotation and drawers each class got."""
-        batch = _positive("batch", batch)
+        batch = positive("batch", batch)
         g, ways, shots, queries = self._generator, self.ways, self.shots, self.queries
         # Distinct classes per task (top-k of uniform noise is a uniformly random ordered
         # subset) and distinct drawers per class (the start of a random permutation of 20).
@@ -136,16 +128,3 @@ class OmniglotEpisodes:
                 images.index_copy_(0, idx, rotated.contiguous())
         return images.view(batch, ways * n, 1, IMAGE_SIZE, IMAGE_SIZE)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The generator state (and bookkeeping) needed to resume the episode stream exactly."""
-        return {"seed": self.seed, "rng": self._generator.get_state(),
-                "episodes_sampled": self.episodes_sampled}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            rng = state["rng"]
-        except (KeyError, TypeError) as err:
-            raise ValueError("state must be a dict from OmniglotEpisodes.state_dict()") from err
-        self._generator.set_state(rng)
-        self.seed = int(state.get("seed", self.seed))
-        self.episodes_sampled = int(state.get("episodes_sampled", 0))

@@ -48,6 +48,8 @@ import math
 
 import numpy as np
 
+from metalearn.data.seeded import positive
+
 
 def _as_index_array(name: str, values: np.ndarray) -> np.ndarray:
     arr = np.asarray(values)
@@ -56,19 +58,13 @@ def _as_index_array(name: str, values: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def partition_by_alphabet(characters: np.ndarray, char_alphabet: np.ndarray, sites: int,
                           seed: int = 0) -> list[np.ndarray]:
     """Assign whole alphabets to ``sites`` sites; returns each site's sorted character indices.
 
     ``char_alphabet[c]`` is the alphabet of character ``c`` (indexed by global character id).
     """
-    sites = _positive("sites", sites)
+    sites = positive("sites", sites)
     chars = _as_index_array("characters", characters)
     if chars.size == 0:
         raise ValueError("characters is empty: nothing to partition")
@@ -99,8 +95,8 @@ def partition_devices(characters: np.ndarray, devices: int, seed: int = 0,
     Parts are disjoint when every device can have ``min_classes`` characters of its own, and
     overlapping windows otherwise. Each part is sorted.
     """
-    devices = _positive("devices", devices)
-    min_classes = _positive("min_classes", min_classes)
+    devices = positive("devices", devices)
+    min_classes = positive("min_classes", min_classes)
     chars = _as_index_array("characters", characters)
     if chars.size < min_classes:
         raise ValueError(f"a site with {chars.size} characters cannot give a device "
@@ -117,7 +113,7 @@ def sinusoid_site_ranges(sites: int, amplitude: tuple[float, float] = (0.1, 5.0)
                          phase: tuple[float, float] = (0.0, math.pi)) -> list[dict]:
     """Per-site keyword arguments for :class:`~metalearn.data.sinusoid.SinusoidTasks`:
     ``{"amplitude": (low, high), "phase": phase}`` with contiguous amplitude sub-ranges."""
-    sites = _positive("sites", sites)
+    sites = positive("sites", sites)
     low, high = float(amplitude[0]), float(amplitude[1])
     if not 0 < low <= high:
         raise ValueError(f"amplitude must satisfy 0 < low <= high, got {amplitude}")
@@ -141,7 +137,7 @@ def _enough(classes: np.ndarray, sites: int, min_classes: int) -> None:
 
 def partition_iid(classes: np.ndarray, sites: int, seed: int = 0) -> list[np.ndarray]:
     """Shuffle the classes with the seed and cut them into ``sites`` near-equal parts."""
-    sites = _positive("sites", sites)
+    sites = positive("sites", sites)
     chars = _as_index_array("classes", classes)
     _enough(chars, sites, 1)
     shuffled = np.random.default_rng(seed).permutation(chars)
@@ -153,8 +149,8 @@ def partition_dirichlet(classes: np.ndarray, group_of: np.ndarray, sites: int, a
                         self_balancing: bool = True) -> list[np.ndarray]:
     """Per group, its classes spread over the sites in proportions ``Dir(alpha)`` (see the
     module docstring); drawn again while a site has fewer than ``min_classes``."""
-    sites = _positive("sites", sites)
-    min_classes = _positive("min_classes", min_classes)
+    sites = positive("sites", sites)
+    min_classes = positive("min_classes", min_classes)
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     chars = _as_index_array("classes", classes)
@@ -187,8 +183,8 @@ def partition_quantity(classes: np.ndarray, sites: int, alpha: float, seed: int 
                        min_classes: int = 1) -> list[np.ndarray]:
     """Unequal numbers of IID classes per site: ``min_classes`` each, the rest shared in
     proportions ``Dir(alpha)`` (largest remainders round)."""
-    sites = _positive("sites", sites)
-    min_classes = _positive("min_classes", min_classes)
+    sites = positive("sites", sites)
+    min_classes = positive("min_classes", min_classes)
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     chars = _as_index_array("classes", classes)
