@@ -107,16 +107,20 @@ class ModelConfig(Section):
     twin_units: int = Field(128, ge=1, description="siamese: the twin's sigmoid layer")
     context: int | None = Field(None, ge=1, description="cavia: context parameters; "
                                 "default 4 (sinusoid) or 100 (conv, through FiLM)")
+    noise_dim: int = Field(16, ge=1, description="hallucination: the generator's noise width")
+    generator_units: int = Field(128, ge=1, description="hallucination: the generator's "
+                                 "hidden layers")
 
 
 #: Model settings that belong to one algorithm: setting one for another is an error.
 MODEL_SETTINGS_OF = {"fce": "matching", "fce_steps": "matching", "twin_units": "siamese",
-                     "context": "cavia"}
+                     "context": "cavia", "noise_dim": "hallucination",
+                     "generator_units": "hallucination"}
 
 
 class AlgorithmConfig(Section):
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet", "matching",
-                  "siamese", "cavia"] = "maml"
+                  "siamese", "cavia", "hallucination"] = "maml"
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)
     test_steps: int | None = Field(None, ge=0, description="default: inner_steps")

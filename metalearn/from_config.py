@@ -46,6 +46,9 @@ def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
                            fce_steps=model.get("fce_steps", 5), **conv)
     if name == "siamese":
         return build_model("siamese_net", hidden=model.get("twin_units", 128), **conv)
+    if name == "hallucination":
+        return build_model("hallucinator_net", noise_dim=model.get("noise_dim", 16),
+                           hidden=model.get("generator_units", 128), **conv)
     if name == "cavia":
         return build_model("cavia_conv", ways=int(data["ways"]),
                            context=model.get("context") or 100, **conv)

@@ -230,13 +230,44 @@ class CaviaConvNet(nn.Module):
         return self.head(x.flatten(1))
 
 
+class HallucinatorNet(nn.Module):
+    """The network of support-set hallucination (Wang et al., 2018): a Conv-4 embedding and the
+    generator ``G``, a three-layer MLP with leaky ReLUs (the paper's) from ``[e, z]`` (an
+    embedding and ``noise_dim`` noise values) to an embedding's width.
+
+    ``forward(x)`` embeds; the algorithm calls ``generator`` itself and adds its output to the
+    seed embedding. The generator's last layer starts at zero, so an untrained generator copies
+    its seed (the method starts as ProtoNet) and the other layers still get gradient through it
+    once it moves.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", noise_dim: int = 16,
+                 hidden: int = 128, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if noise_dim < 1:
+            raise ValueError(f"noise_dim must be >= 1, got {noise_dim}")
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        self.embedding_dim = d = self.encoder.embedding_dim
+        self.noise_dim = int(noise_dim)
+        self.generator = nn.Sequential(nn.Linear(d + noise_dim, hidden), nn.LeakyReLU(0.2),
+                                       nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+                                       nn.Linear(hidden, d))
+        nn.init.zeros_(self.generator[-1].weight)
+        nn.init.zeros_(self.generator[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
 def build_model(name: str, **kwargs: object) -> nn.Module:
     """Build a model by name (``omniglot_conv``, ``sinusoid_mlp``, ``matching_net``,
-    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``)."""
+    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``)."""
     builders: dict[str, type[nn.Module]] = {
         "omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP,
         "matching_net": MatchingNet, "siamese_net": SiameseNet, "cavia_mlp": CaviaMLP,
-        "cavia_conv": CaviaConvNet}
+        "cavia_conv": CaviaConvNet, "hallucinator_net": HallucinatorNet}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name](**kwargs)  # type: ignore[arg-type]

@@ -1,18 +1,19 @@
 """Meta-learning algorithms behind one interface, built by name from plain config values.
 
-=========  =======================================================================
-name       algorithm
-=========  =======================================================================
-maml       second-order MAML (``impl``: ``func`` fast path or ``higher`` reference)
-fomaml     first-order MAML
-reptile    Reptile (meta-gradient = θ − mean of adapted θ)
-anil       ANIL: only ``head.*`` adapts in the inner loop
-metasgd    Meta-SGD: learned per-element inner learning rates ``lr.<name>``
-protonet   prototypical networks over an embedding model (``ways=0``)
-matching   Matching Networks: cosine attention over support embeddings (FCE optional)
-siamese    Siamese networks: a twin trained on same/different pairs, weighted L1 distance
-cavia      CAVIA: only the context parameters (``context``, reset to 0) adapt
-=========  =======================================================================
+=============  ===================================================================
+name           algorithm
+=============  ===================================================================
+maml           second-order MAML (``impl``: ``func`` fast path or ``higher`` reference)
+fomaml         first-order MAML
+reptile        Reptile (meta-gradient = θ − mean of adapted θ)
+anil           ANIL: only ``head.*`` adapts in the inner loop
+metasgd        Meta-SGD: learned per-element inner learning rates ``lr.<name>``
+protonet       prototypical networks over an embedding model (``ways=0``)
+matching       Matching Networks: cosine attention over support embeddings (FCE optional)
+siamese        Siamese networks: a twin trained on same/different pairs, weighted L1 distance
+cavia          CAVIA: only the context parameters (``context``, reset to 0) adapt
+hallucination  ProtoNet over a support set augmented by a learned generator (Wang et al.)
+=============  ===================================================================
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from metalearn.algorithms.anil import ANIL
 from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate, TaskType
 from metalearn.algorithms.cavia import CAVIA
+from metalearn.algorithms.hallucination import SupportHallucination
 from metalearn.algorithms.maml import FOMAML, MAML
 from metalearn.algorithms.matching import MatchingNetworks
 from metalearn.algorithms.metasgd import MetaSGD
@@ -41,6 +43,7 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "matching": MatchingNetworks,
     "siamese": SiameseNetworks,
     "cavia": CAVIA,
+    "hallucination": SupportHallucination,
 }
 
 
@@ -85,5 +88,6 @@ def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classifi
 
 
 __all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MatchingNetworks", "MetaAlgorithm",
-           "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks", "build_algorithm",
-           "embedding_only", "hyperparameters", "register_algorithm"]
+           "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks",
+           "SupportHallucination", "build_algorithm", "embedding_only", "hyperparameters",
+           "register_algorithm"]
