@@ -261,13 +261,43 @@ class HallucinatorNet(nn.Module):
         return self.encoder(x)
 
 
+class MANNNet(nn.Module):
+    """The parameters of a memory-augmented network (Santoro et al., 2016) for ``ways`` labels: a
+    Conv-4 embedding, an LSTM ``controller`` over ``[embedding, label, read]``, the ``key``,
+    ``add`` and ``gate`` heads of the memory, and the output ``head`` over ``[h, read]``. The
+    recurrence itself (least-recently-used access to a ``slots`` × ``width`` memory) is
+    :class:`metalearn.algorithms.mann.MANN`'s; ``forward(x)`` embeds. Paper sizes: a 200-unit
+    controller and a 128 × 40 memory.
+    """
+
+    def __init__(self, ways: int = 5, channels: int = 64, pooling: Pooling = "max",
+                 controller: int = 200, slots: int = 128, width: int = 40, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if min(ways, controller, slots, width) < 1:
+            raise ValueError("ways, controller, slots and width must be >= 1")
+        self.ways, self.slots, self.width = int(ways), int(slots), int(width)
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        d = self.encoder.embedding_dim
+        self.controller = nn.LSTMCell(d + ways + width, controller)
+        self.key = nn.Linear(controller, width)
+        self.add = nn.Linear(controller, width)
+        self.gate = nn.Linear(controller, 1)
+        self.head = nn.Linear(controller + width, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
 def build_model(name: str, **kwargs: object) -> nn.Module:
     """Build a model by name (``omniglot_conv``, ``sinusoid_mlp``, ``matching_net``,
-    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``)."""
+    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``, ``mann_net``)."""
     builders: dict[str, type[nn.Module]] = {
         "omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP,
         "matching_net": MatchingNet, "siamese_net": SiameseNet, "cavia_mlp": CaviaMLP,
-        "cavia_conv": CaviaConvNet, "hallucinator_net": HallucinatorNet}
+        "cavia_conv": CaviaConvNet, "hallucinator_net": HallucinatorNet,
+        "mann_net": MANNNet}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name](**kwargs)  # type: ignore[arg-type]

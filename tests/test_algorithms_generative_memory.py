@@ -7,8 +7,11 @@ papers' formulas, independently of the code under test.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms import build_algorithm
@@ -17,8 +20,9 @@ from metalearn.algorithms.hallucination import (
     GENERATED_LABELS,
     hallucination_noise,
 )
+from metalearn.algorithms.mann import STATE, content_read, delayed_labels, lru_write
 from metalearn.algorithms.protonet import PROTOTYPES
-from metalearn.models import HallucinatorNet
+from metalearn.models import HallucinatorNet, MANNNet
 from metalearn.tasks import TaskBatch
 
 D = torch.float64
@@ -127,3 +131,119 @@ def test_hallucination_batch_equals_per_task_and_refuses_a_plain_net() -> None:
         build_algorithm("hallucination", nn.Sequential(nn.Linear(2, 2)), "classification")
     with pytest.raises(ValueError, match="classifier"):
         build_algorithm("hallucination", model, "regression")
+
+
+# ------------------------------------------------------------------- MANN
+
+def test_lru_write_and_content_read_by_hand() -> None:
+    """Three slots of width 2. Usage (0.5, 0.2, 0.9): slot 1 is least used, so it is erased and
+    w_lu = (0, 1, 0). Gate α = 0: σ = ½, w_w = ½ (0.7, 0.2, 0.1) + ½ (0, 1, 0) = (0.35, 0.6, 0.05).
+    Adding a = (2, −1): M = ((1.7, −0.35), (1.2, −0.6), (1.1, 0.95))."""
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=D)
+    usage = torch.tensor([[0.5, 0.2, 0.9]], dtype=D)
+    read_prev = torch.tensor([[0.7, 0.2, 0.1]], dtype=D)
+    new, write = lru_write(memory, usage, read_prev, torch.tensor([[2.0, -1.0]], dtype=D),
+                           torch.zeros(1, dtype=D))
+    assert torch.allclose(write, torch.tensor([[0.35, 0.6, 0.05]], dtype=D), atol=1e-12)
+    expected = torch.tensor([[[1.7, -0.35], [1.2, -0.6], [1.1, 0.95]]], dtype=D)
+    assert torch.allclose(new, expected, atol=1e-12)
+    # Read with key (1, 0): cos with each row is its first entry over its norm.
+    cos = torch.tensor([1.7 / math.hypot(1.7, 0.35), 1.2 / math.hypot(1.2, 0.6),
+                        1.1 / math.hypot(1.1, 0.95)], dtype=D)
+    weights, read = content_read(new, torch.tensor([[1.0, 0.0]], dtype=D))
+    w = cos.exp() / cos.exp().sum()
+    assert torch.allclose(weights[0], w, atol=1e-12)
+    assert torch.allclose(read[0], w @ expected[0], atol=1e-12)
+    # On a tie of usage the first slot is the least used (a fresh memory fills slot 0 first).
+    _, write0 = lru_write(memory, torch.zeros(1, 3, dtype=D), torch.zeros(1, 3, dtype=D),
+                          torch.ones(1, 2, dtype=D), torch.full((1,), -1e9, dtype=D))
+    assert torch.equal(write0, torch.tensor([[1.0, 0.0, 0.0]], dtype=D))
+
+
+def test_labels_are_shown_one_step_late() -> None:
+    shown, pending = delayed_labels(torch.tensor([[2, 0, 1]]), 3, D)
+    assert torch.equal(shown[0], torch.tensor([[0, 0, 0], [0, 0, 1], [1, 0, 0]], dtype=D))
+    assert torch.equal(pending[0], torch.tensor([0, 1, 0], dtype=D))
+
+
+def mann(seed: int = 0, ways: int = 3) -> tuple[object, dict[str, Tensor]]:
+    torch.manual_seed(seed)
+    model = MANNNet(ways=ways, channels=4, controller=6, slots=5, width=3).double()
+    return build_algorithm("mann", model, "classification"), params_of(model)
+
+
+def test_mann_step_equals_the_formulas_by_hand() -> None:
+    """One step from an empty memory, written out with torch's own LSTMCell and the paper's
+    formulas: the first write goes wholly to slot 0 blended with the (zero) last read."""
+    alg, p = mann()
+    emb, label = torch.rand(1, alg.model.encoder.embedding_dim, dtype=D), torch.zeros(1, 3, dtype=D)
+    state = alg.initial_state(1, emb)
+    new, logits = alg.step(p, state, emb, label)
+    cell = nn.LSTMCell(emb.shape[1] + 3 + 3, 6).double()
+    cell.load_state_dict({k.removeprefix("controller."): v for k, v in p.items()
+                          if k.startswith("controller.")})
+    with torch.no_grad():
+        h, c = cell(torch.cat([emb, label, torch.zeros(1, 3, dtype=D)], 1))
+    assert torch.allclose(new.hidden, h, atol=1e-12) and torch.allclose(new.cell, c, atol=1e-12)
+    add = torch.tanh(h @ p["add.weight"].T + p["add.bias"])
+    s = torch.sigmoid(h @ p["gate.weight"].T + p["gate.bias"])  # w_w = (1 − s) at slot 0
+    memory = torch.full((5, 3), 1e-6, dtype=D)
+    memory[0] = (1 - s[0]) * add[0]
+    assert torch.allclose(new.memory[0], memory, atol=1e-12)
+    key = torch.tanh(h @ p["key.weight"].T + p["key.bias"])
+    w = torch.softmax(F.cosine_similarity(memory, key, dim=-1), 0)
+    assert torch.allclose(new.usage[0], w + torch.tensor([1 - s[0, 0], 0, 0, 0, 0], dtype=D),
+                          atol=1e-12)
+    out = torch.cat([h[0], w @ memory]) @ p["head.weight"].T + p["head.bias"]
+    assert torch.allclose(logits[0], out, atol=1e-12)
+
+
+def test_mann_adapts_by_reading_the_support_sequence() -> None:
+    alg, p = mann(1)
+    sx, sy = torch.rand(6, 1, 28, 28, dtype=D), torch.tensor([0, 0, 1, 1, 2, 2])
+    qx = torch.rand(4, 1, 28, 28, dtype=D)
+    adapted = alg.adapt(p, sx, sy)
+    assert set(adapted) - set(p) == set(STATE)
+    assert float((adapted["memory"] - 1e-6).abs().max()) > 1e-3  # it wrote
+    order = alg.order(sx)
+    assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
+    assert torch.equal(adapted["pending_label"], F.one_hot(sy[order[-1]], 3).to(D))
+    both = alg.predict(adapted, qx)
+    # the labels matter: relabelled support, other predictions
+    assert not torch.allclose(alg.predict(alg.adapt(p, sx, sy.flip(0)), qx), both)
+    tasks = TaskBatch(torch.stack([sx, sx.flip(0)]), torch.stack([sy, sy.flip(0)]),
+                      torch.stack([qx, qx]), torch.tensor([[0, 1, 2, 0]] * 2))
+    batch = alg.adapt_predict_batch(p, tasks)
+    for i, t in enumerate(tasks):
+        assert torch.allclose(batch[i], alg.predict(alg.adapt(p, t.support_x, t.support_y),
+                                                    t.query_x), atol=1e-10)
+    # A meta-model predicts from an empty memory.
+    assert alg.predict(p, qx).shape == (4, 3)
+    with pytest.raises(ValueError, match="3 ways"):
+        alg.adapt(p, sx, torch.tensor([0, 1, 2, 3, 0, 1]))
+
+
+def test_mann_meta_gradient_matches_finite_differences() -> None:
+    """The backward pass through the recurrence (the argmin of the usage is piecewise constant)
+    against central differences on a few coordinates of every parameter group."""
+    alg, p = mann(2, ways=2)
+    tasks = TaskBatch(torch.rand(1, 4, 1, 28, 28, dtype=D), torch.tensor([[0, 1, 0, 1]]),
+                      torch.rand(1, 3, 1, 28, 28, dtype=D), torch.tensor([[1, 0, 1]]))
+    grads, metrics = alg.meta_gradient(p, tasks)
+    assert set(grads) == set(p)
+
+    def loss(q: dict[str, Tensor]) -> float:
+        logits = alg.adapt_predict_batch(q, tasks)
+        return float(F.cross_entropy(logits[0], tasks.query_y[0]))
+
+    assert metrics["loss_after"] == pytest.approx(loss(p), abs=1e-12)
+    eps = 1e-6
+    for name in ("controller.weight_ih", "key.weight", "add.bias", "gate.weight", "head.weight",
+                 "encoder.features.0.0.weight"):
+        for idx in [(0,) * p[name].dim(), tuple(s - 1 for s in p[name].shape)]:
+            up, down = dict(p), dict(p)
+            up[name], down[name] = p[name].clone(), p[name].clone()
+            up[name][idx] += eps
+            down[name][idx] -= eps
+            numeric = (loss(up) - loss(down)) / (2 * eps)
+            assert float(grads[name][idx]) == pytest.approx(numeric, abs=1e-6), (name, idx)

@@ -13,6 +13,7 @@ matching       Matching Networks: cosine attention over support embeddings (FCE 
 siamese        Siamese networks: a twin trained on same/different pairs, weighted L1 distance
 cavia          CAVIA: only the context parameters (``context``, reset to 0) adapt
 hallucination  ProtoNet over a support set augmented by a learned generator (Wang et al.)
+mann           MANN: LSTM controller, LRU-access memory filled by the support sequence
 =============  ===================================================================
 """
 
@@ -27,6 +28,7 @@ from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate, TaskType
 from metalearn.algorithms.cavia import CAVIA
 from metalearn.algorithms.hallucination import SupportHallucination
 from metalearn.algorithms.maml import FOMAML, MAML
+from metalearn.algorithms.mann import MANN
 from metalearn.algorithms.matching import MatchingNetworks
 from metalearn.algorithms.metasgd import MetaSGD
 from metalearn.algorithms.protonet import ProtoNet
@@ -44,6 +46,7 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "siamese": SiameseNetworks,
     "cavia": CAVIA,
     "hallucination": SupportHallucination,
+    "mann": MANN,
 }
 
 
@@ -67,6 +70,12 @@ def embedding_only(name: str) -> bool:
     return bool(_lookup(name).embedding_only)
 
 
+def classifier_only(name: str) -> bool:
+    """Whether the algorithm can only classify (every metric learner, and MANN)."""
+    cls = _lookup(name)
+    return bool(cls.embedding_only or cls.classifier_only)
+
+
 def _lookup(name: str) -> type[MetaAlgorithm]:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
@@ -87,7 +96,7 @@ def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classifi
     return cls(model, task_type, **hyper)  # type: ignore[arg-type]
 
 
-__all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MatchingNetworks", "MetaAlgorithm",
-           "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks",
-           "SupportHallucination", "build_algorithm", "embedding_only", "hyperparameters",
-           "register_algorithm"]
+__all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MANN", "MatchingNetworks",
+           "MetaAlgorithm", "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks",
+           "SupportHallucination", "build_algorithm", "classifier_only", "embedding_only",
+           "hyperparameters", "register_algorithm"]
