@@ -1,4 +1,5 @@
-"""Matching Networks, Siamese networks and CAVIA trained by real edge actors on Ray.
+"""Matching Networks, Siamese networks, CAVIA, support hallucination and MANN trained by real
+edge actors on Ray.
 
 What a site returns is parameter-shaped (the meta-gradient over its own tasks), so with one
 local step and every site taking part a federated round must equal one centralized step over the
@@ -42,6 +43,13 @@ CASES: dict[str, dict[str, Any]] = {
                        "algorithm": {"name": "cavia", "inner_lr": 1.0, "inner_steps": 1},
                        "model": {"name": "sinusoid_mlp", "hidden": 8, "context": 2},
                        "eval": {"episodes": 4, "batch": 4, "steps_list": [0, 1]}},
+    "hallucination": {"data": OMNIGLOT, "algorithm": {"name": "hallucination", "inner_steps": 0,
+                                                      "options": {"generated": 2}},
+                      "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                                "noise_dim": 3, "generator_units": 8}},
+    "mann": {"data": OMNIGLOT, "algorithm": {"name": "mann", "inner_steps": 0},
+             "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                       "controller_units": 6, "memory_slots": 5, "memory_width": 3}},
 }
 
 
