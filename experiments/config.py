@@ -113,18 +113,21 @@ class ModelConfig(Section):
     controller_units: int = Field(200, ge=1, description="mann: the LSTM controller's units")
     memory_slots: int = Field(128, ge=1, description="mann: rows of the external memory")
     memory_width: int = Field(40, ge=1, description="mann: width of a memory row")
+    amortizer_units: int = Field(128, ge=1, description="versa: the amortization network's "
+                                 "hidden layers")
 
 
 #: Model settings that belong to one algorithm: setting one for another is an error.
 MODEL_SETTINGS_OF = {"fce": "matching", "fce_steps": "matching", "twin_units": "siamese",
                      "context": "cavia", "noise_dim": "hallucination",
                      "generator_units": "hallucination", "controller_units": "mann",
-                     "memory_slots": "mann", "memory_width": "mann"}
+                     "memory_slots": "mann", "memory_width": "mann",
+                     "amortizer_units": "versa"}
 
 
 class AlgorithmConfig(Section):
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet", "matching",
-                  "siamese", "cavia", "hallucination", "mann"] = "maml"
+                  "siamese", "cavia", "hallucination", "mann", "versa"] = "maml"
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)
     test_steps: int | None = Field(None, ge=0, description="default: inner_steps")

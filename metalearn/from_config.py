@@ -49,6 +49,8 @@ def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
     if name == "hallucination":
         return build_model("hallucinator_net", noise_dim=model.get("noise_dim", 16),
                            hidden=model.get("generator_units", 128), **conv)
+    if name == "versa":
+        return build_model("versa_net", hidden=model.get("amortizer_units", 128), **conv)
     if name == "mann":
         return build_model("mann_net", ways=int(data["ways"]),
                            controller=model.get("controller_units", 200),

@@ -290,14 +290,42 @@ class MANNNet(nn.Module):
         return self.encoder(x)
 
 
+class VersaNet(nn.Module):
+    """The networks of VERSA (Gordon et al., 2019): a Conv-4 embedding and the amortization
+    network, an MLP with ELUs over a class's mean embedding followed by four linear heads, the
+    mean and log-variance of the class's weight vector (the embedding's width) and of its bias.
+    The log-variance heads' biases start at −6 (σ ≈ 0.05), so the first samples are close to
+    their means. ``forward(x)`` embeds; :class:`metalearn.algorithms.versa.VERSA` calls the rest.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", hidden: int = 128,
+                 in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        d = self.embedding_dim = self.encoder.embedding_dim
+        self.amortizer = nn.Sequential(nn.Linear(d, hidden), nn.ELU(), nn.Linear(hidden, hidden),
+                                       nn.ELU())
+        self.weight_mean = nn.Linear(hidden, d)
+        self.weight_logvar = nn.Linear(hidden, d)
+        self.bias_mean = nn.Linear(hidden, 1)
+        self.bias_logvar = nn.Linear(hidden, 1)
+        for head in (self.weight_logvar, self.bias_logvar):
+            nn.init.constant_(head.bias, -6.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
 def build_model(name: str, **kwargs: object) -> nn.Module:
     """Build a model by name (``omniglot_conv``, ``sinusoid_mlp``, ``matching_net``,
-    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``, ``mann_net``)."""
+    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``, ``mann_net``,
+    ``versa_net``)."""
     builders: dict[str, type[nn.Module]] = {
         "omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP,
         "matching_net": MatchingNet, "siamese_net": SiameseNet, "cavia_mlp": CaviaMLP,
         "cavia_conv": CaviaConvNet, "hallucinator_net": HallucinatorNet,
-        "mann_net": MANNNet}
+        "mann_net": MANNNet, "versa_net": VersaNet}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name](**kwargs)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
-"""Support-set hallucination and MANN against cases solved by hand.
+"""Support-set hallucination, MANN and VERSA against cases solved by hand.
 
 The expected numbers (prototypes over real and generated embeddings, the meta-gradient into the
-generator, the least-recently-used memory's reads and writes) are written out here from the
-papers' formulas, independently of the code under test.
+generator, the least-recently-used memory's reads and writes, VERSA's posterior and Monte Carlo
+predictive) are written out here from the papers' formulas, independently of the code under
+test.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from metalearn.algorithms.hallucination import (
 )
 from metalearn.algorithms.mann import STATE, content_read, delayed_labels, lru_write
 from metalearn.algorithms.protonet import PROTOTYPES
-from metalearn.models import HallucinatorNet, MANNNet
+from metalearn.algorithms.versa import versa_noise
+from metalearn.models import HallucinatorNet, MANNNet, VersaNet
 from metalearn.tasks import TaskBatch
 
 D = torch.float64
@@ -247,3 +249,103 @@ def test_mann_meta_gradient_matches_finite_differences() -> None:
             down[name][idx] -= eps
             numeric = (loss(up) - loss(down)) / (2 * eps)
             assert float(grads[name][idx]) == pytest.approx(numeric, abs=1e-6), (name, idx)
+
+
+# ------------------------------------------------------------------- VERSA
+
+class LinearVersa(nn.Module):
+    """Identity embedding, no amortizer layers, heads set by hand."""
+
+    def __init__(self, w_logvar: float, b_logvar: float) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(2, 2, bias=False, dtype=D)
+        self.amortizer = nn.Identity()
+        self.weight_mean, self.weight_logvar = nn.Linear(2, 2, dtype=D), nn.Linear(2, 2, dtype=D)
+        self.bias_mean, self.bias_logvar = nn.Linear(2, 1, dtype=D), nn.Linear(2, 1, dtype=D)
+        with torch.no_grad():
+            for layer in (self.weight_mean, self.weight_logvar, self.bias_mean, self.bias_logvar):
+                layer.weight.zero_()
+                layer.bias.zero_()
+            self.encoder.weight.copy_(torch.eye(2))
+            self.weight_mean.weight.copy_(torch.eye(2))  # μ_c = the class's mean embedding
+            self.weight_logvar.bias.fill_(w_logvar)
+            self.bias_mean.bias.fill_(0.1)
+            self.bias_logvar.bias.fill_(b_logvar)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
+SX = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 0.0]], dtype=D)
+SY = torch.tensor([0, 1, 0])
+
+
+def test_versa_posterior_and_monte_carlo_predictive_by_hand() -> None:
+    """μ_0 = mean((1, 0), (2, 0)) = (1.5, 0), μ_1 = (0, 2); σ_w = e^{log 0.25 / 2} = 0.5,
+    σ_b = 0.2, bias mean 0.1. Draw l: w_lc = μ_c + 0.5 ε, b_lc = 0.1 + 0.2 ε'; the predictive is
+    the mean over draws of softmax(q·w_l + b_l)."""
+    model = LinearVersa(math.log(0.25), math.log(0.04))
+    params = params_of(model)
+    alg = build_algorithm("versa", model, "classification", samples=3)
+    adapted = alg.adapt(params, SX, SY)
+    mu = torch.tensor([[1.5, 0.0], [0.0, 2.0]], dtype=D)
+    assert torch.allclose(adapted["weight_mean"], mu, atol=1e-12)
+    assert torch.allclose(adapted["weight_logvar"], torch.full((2, 2), math.log(0.25), dtype=D))
+    assert torch.allclose(adapted["bias_mean"], torch.full((2,), 0.1, dtype=D))
+    eps_w, eps_b = versa_noise(SX, 3, 2, 2)
+    w, b = mu + 0.5 * eps_w, 0.1 + 0.2 * eps_b
+    assert torch.allclose(adapted["weight_samples"], w, atol=1e-12)
+    q = torch.tensor([1.0, 1.0], dtype=D)
+    p = torch.stack([torch.softmax(w[k] @ q + b[k], 0) for k in range(3)]).mean(0)
+    out = alg.predict(adapted, q[None])[0]
+    assert torch.allclose(torch.softmax(out, 0), p, atol=1e-12)
+    assert torch.allclose(out, p.log(), atol=1e-12)
+    tasks = TaskBatch(SX[None], SY[None], q[None, None], torch.tensor([[0]]))
+    grads, metrics = alg.meta_gradient(params, tasks)
+    assert metrics["loss_after"] == pytest.approx(float(-p[0].log()), abs=1e-12)
+    # One bias mean shared by both classes shifts every logit alike: no gradient reaches it.
+    assert abs(float(grads["bias_mean.bias"])) < 1e-12
+    assert float(grads["weight_mean.weight"].abs().sum()) > 0
+
+
+def test_versa_without_variance_is_the_mean_classifier() -> None:
+    """σ → 0 (log-variance −60): every draw is the mean, so the predictive is
+    softmax(q·μ_c + 0.1) = softmax(1.5 + 0.1, 2 + 0.1) for q = (1, 1)."""
+    model = LinearVersa(-60.0, -60.0)
+    alg = build_algorithm("versa", model, "classification", samples=5)
+    adapted = alg.adapt(params_of(model), SX, SY)
+    out = alg.predict(adapted, torch.tensor([[1.0, 1.0]], dtype=D))[0]
+    assert torch.allclose(torch.softmax(out, 0),
+                          torch.softmax(torch.tensor([1.6, 2.1], dtype=D), 0), atol=1e-12)
+
+
+def test_versa_meta_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(3)
+    model = VersaNet(channels=4, hidden=5).double()
+    p = params_of(model)
+    alg = build_algorithm("versa", model, "classification", samples=4)
+    tasks = TaskBatch(torch.rand(2, 3, 1, 28, 28, dtype=D), torch.tensor([[0, 1, 2]] * 2),
+                      torch.rand(2, 4, 1, 28, 28, dtype=D), torch.tensor([[2, 0, 1, 0]] * 2))
+    grads, metrics = alg.meta_gradient(p, tasks)
+    assert set(grads) == set(p)
+
+    def loss(q: dict[str, Tensor]) -> float:
+        logp = alg.adapt_predict_batch(q, tasks)
+        return float(F.nll_loss(logp.flatten(0, 1), tasks.query_y.flatten()))
+
+    assert metrics["loss_after"] == pytest.approx(loss(p), abs=1e-12)
+    for i, t in enumerate(tasks):  # the batch path is adapt + predict, task by task
+        one = alg.predict(alg.adapt(p, t.support_x, t.support_y), t.query_x)
+        assert torch.allclose(alg.adapt_predict_batch(p, tasks)[i], one, atol=1e-12)
+    eps = 1e-6
+    for name in ("amortizer.0.weight", "weight_mean.bias", "weight_logvar.bias",
+                 "bias_logvar.weight", "encoder.features.0.0.weight"):
+        for idx in [(0,) * p[name].dim(), tuple(s - 1 for s in p[name].shape)]:
+            up, down = dict(p), dict(p)
+            up[name], down[name] = p[name].clone(), p[name].clone()
+            up[name][idx] += eps
+            down[name][idx] -= eps
+            numeric = (loss(up) - loss(down)) / (2 * eps)
+            assert float(grads[name][idx]) == pytest.approx(numeric, abs=1e-6), (name, idx)
+    with pytest.raises(ValueError, match="'amortizer'"):
+        build_algorithm("versa", nn.Sequential(nn.Linear(2, 2)), "classification")

@@ -49,6 +49,10 @@ def test_every_algorithm_has_a_bundled_config() -> None:
      "model.noise_dim is a setting of algorithm 'hallucination'"),
     ({"algorithm": {"name": "hallucination"}, "model": {"memory_slots": 4}},
      "model.memory_slots is a setting of algorithm 'mann'"),
+    ({"algorithm": {"name": "versa"}, "data": {"dataset": "sinusoid"},
+      "model": {"name": "sinusoid_mlp"}}, "versa is a classifier"),
+    ({"algorithm": {"name": "mann"}, "model": {"amortizer_units": 4}},
+     "model.amortizer_units is a setting of algorithm 'versa'"),
 ])
 def test_model_settings_of_other_algorithms_are_refused(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

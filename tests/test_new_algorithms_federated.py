@@ -1,5 +1,5 @@
-"""Matching Networks, Siamese networks, CAVIA, support hallucination and MANN trained by real
-edge actors on Ray.
+"""Matching Networks, Siamese networks, CAVIA, support hallucination, MANN and VERSA trained
+by real edge actors on Ray.
 
 What a site returns is parameter-shaped (the meta-gradient over its own tasks), so with one
 local step and every site taking part a federated round must equal one centralized step over the
@@ -50,6 +50,10 @@ CASES: dict[str, dict[str, Any]] = {
     "mann": {"data": OMNIGLOT, "algorithm": {"name": "mann", "inner_steps": 0},
              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
                        "controller_units": 6, "memory_slots": 5, "memory_width": 3}},
+    "versa": {"data": OMNIGLOT, "algorithm": {"name": "versa", "inner_steps": 0,
+                                              "options": {"samples": 3}},
+              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                        "amortizer_units": 5}},
 }
 
 

@@ -1,9 +1,10 @@
-"""Matching Networks, Siamese networks, CAVIA, support hallucination and MANN served over real
-HTTP.
+"""Matching Networks, Siamese networks, CAVIA, support hallucination, MANN and VERSA served
+over real HTTP.
 
 Tiny real runs of each are trained here and served by one Ray Serve instance. ``/v1/adapt``
 makes each algorithm's own adapted state (support embeddings and labels, twin features, an
-adapted context, prototypes with the generated embeddings, a filled memory) on the replica;
+adapted context, prototypes with the generated embeddings, a filled memory, a classifier's
+posterior and its draws) on the replica;
 its predictions, and later ones by the id it returns, must equal the same adaptation done
 offline with the run's checkpoint.
 """
@@ -49,6 +50,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "mann": {"data": OMNIGLOT, "algorithm": {"name": "mann", "inner_steps": 0},
              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
                        "controller_units": 6, "memory_slots": 5, "memory_width": 3}},
+    "versa": {"data": OMNIGLOT, "algorithm": {"name": "versa", "inner_steps": 0,
+                                              "options": {"samples": 3}},
+              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                        "amortizer_units": 5}},
 }
 
 
@@ -115,9 +120,13 @@ def test_adapt_over_http_equals_offline_adaptation(served: tuple[str, Path], nam
         elif name == "mann":  # the memory and controller state after the support sequence
             assert extra == set(MANN_STATE) and changed == set()
             assert float((stored["memory"] - 1e-6).abs().max()) > 1e-4
+        elif name == "versa":  # the classifier's Gaussian per class and its draws
+            assert extra == {"weight_mean", "weight_logvar", "bias_mean", "bias_logvar",
+                             "weight_samples", "bias_samples"} and changed == set()
+            assert stored["weight_samples"].shape == (3, 3, 4)
         else:  # metric learners: the support set's embeddings and labels, weights unchanged
             assert len(extra) == 2 and changed == set()
-        if name in ("matching", "siamese", "hallucination"):  # an embedding: no classes
+        if name in ("matching", "siamese", "hallucination", "versa"):  # no classes of its own
             with pytest.raises(Exception, match="embedding with no classes"):
                 client.predict(f"{name}@2", wire_q)
         if name == "mann":  # a meta-model is a MANN with an empty memory: it predicts

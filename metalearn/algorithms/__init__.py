@@ -14,6 +14,7 @@ siamese        Siamese networks: a twin trained on same/different pairs, weighte
 cavia          CAVIA: only the context parameters (``context``, reset to 0) adapt
 hallucination  ProtoNet over a support set augmented by a learned generator (Wang et al.)
 mann           MANN: LSTM controller, LRU-access memory filled by the support sequence
+versa          VERSA: amortized inference of each class's weight distribution (Gordon et al.)
 =============  ===================================================================
 """
 
@@ -34,6 +35,7 @@ from metalearn.algorithms.metasgd import MetaSGD
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.algorithms.reptile import Reptile
 from metalearn.algorithms.siamese import SiameseNetworks
+from metalearn.algorithms.versa import VERSA
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "maml": MAML,
@@ -47,6 +49,7 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "cavia": CAVIA,
     "hallucination": SupportHallucination,
     "mann": MANN,
+    "versa": VERSA,
 }
 
 
@@ -96,7 +99,25 @@ def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classifi
     return cls(model, task_type, **hyper)  # type: ignore[arg-type]
 
 
-__all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MANN", "MatchingNetworks",
-           "MetaAlgorithm", "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks",
-           "SupportHallucination", "build_algorithm", "classifier_only", "embedding_only",
-           "hyperparameters", "register_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "ANIL",
+    "CAVIA",
+    "FOMAML",
+    "MAML",
+    "MANN",
+    "VERSA",
+    "MatchingNetworks",
+    "MetaAlgorithm",
+    "MetaSGD",
+    "MetaUpdate",
+    "ProtoNet",
+    "Reptile",
+    "SiameseNetworks",
+    "SupportHallucination",
+    "build_algorithm",
+    "classifier_only",
+    "embedding_only",
+    "hyperparameters",
+    "register_algorithm",
+]
