@@ -29,7 +29,7 @@ from experiments.secagg_config import SecureAggregationConfig
 from experiments.section import Section
 from experiments.site_data_config import SiteDataConfig
 from experiments.tracking_config import TrackingConfig
-from metalearn.algorithms import embedding_only
+from metalearn.algorithms import classifier_only
 from metalearn.attacks import alie_z_max
 from metalearn.storage import Location, is_uri
 from privacy.config import SecAggConfig, majority_threshold
@@ -108,16 +108,27 @@ class ModelConfig(Section):
     twin_units: int = Field(128, ge=1, description="siamese: the twin's sigmoid layer")
     context: int | None = Field(None, ge=1, description="cavia: context parameters; "
                                 "default 4 (sinusoid) or 100 (conv, through FiLM)")
+    noise_dim: int = Field(16, ge=1, description="hallucination: the generator's noise width")
+    generator_units: int = Field(128, ge=1, description="hallucination: the generator's "
+                                 "hidden layers")
+    controller_units: int = Field(200, ge=1, description="mann: the LSTM controller's units")
+    memory_slots: int = Field(128, ge=1, description="mann: rows of the external memory")
+    memory_width: int = Field(40, ge=1, description="mann: width of a memory row")
+    amortizer_units: int = Field(128, ge=1, description="versa: the amortization network's "
+                                 "hidden layers")
 
 
 #: Model settings that belong to one algorithm: setting one for another is an error.
 MODEL_SETTINGS_OF = {"fce": "matching", "fce_steps": "matching", "twin_units": "siamese",
-                     "context": "cavia"}
+                     "context": "cavia", "noise_dim": "hallucination",
+                     "generator_units": "hallucination", "controller_units": "mann",
+                     "memory_slots": "mann", "memory_width": "mann",
+                     "amortizer_units": "versa"}
 
 
 class AlgorithmConfig(Section):
     name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet", "matching",
-                  "siamese", "cavia"] = "maml"
+                  "siamese", "cavia", "hallucination", "mann", "versa"] = "maml"
     inner_lr: float = Field(0.4, gt=0)
     inner_steps: int = Field(1, ge=0)
     test_steps: int | None = Field(None, ge=0, description="default: inner_steps")
@@ -494,7 +505,7 @@ class ExperimentConfig(Section):
             raise ValueError(f"model {self.model.name!r} does not fit dataset "
                              f"{self.data.dataset!r}; use {source.model!r}")
         alg = self.algorithm.name
-        if source.task_type == "regression" and embedding_only(alg):
+        if source.task_type == "regression" and classifier_only(alg):
             raise ValueError(f"{alg} is a classifier; it cannot learn {self.data.dataset} "
                              "regression")
         for key in sorted(MODEL_SETTINGS_OF):
@@ -503,6 +514,10 @@ class ExperimentConfig(Section):
             if MODEL_SETTINGS_OF[key] != alg and getattr(self.model, key) != default:
                 raise ValueError(f"model.{key} is a setting of algorithm "
                                  f"{MODEL_SETTINGS_OF[key]!r}, not of {alg!r}")
+        if alg == "mann" and (self.eval.ways or 0) > self.data.ways:
+            raise ValueError(f"eval.ways {self.eval.ways} is more than MANN's data.ways "
+                             f"{self.data.ways}: its output and label inputs have data.ways "
+                             "classes")
         if self.model.name == "omniglot_conv" and self.model.pooling == "max":
             _, height, width = self.data.input_shape()
             if min(height, width) < 16:

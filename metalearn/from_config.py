@@ -46,6 +46,16 @@ def model_from_config(data: Mapping[str, Any], model: Mapping[str, Any],
                            fce_steps=model.get("fce_steps", 5), **conv)
     if name == "siamese":
         return build_model("siamese_net", hidden=model.get("twin_units", 128), **conv)
+    if name == "hallucination":
+        return build_model("hallucinator_net", noise_dim=model.get("noise_dim", 16),
+                           hidden=model.get("generator_units", 128), **conv)
+    if name == "versa":
+        return build_model("versa_net", hidden=model.get("amortizer_units", 128), **conv)
+    if name == "mann":
+        return build_model("mann_net", ways=int(data["ways"]),
+                           controller=model.get("controller_units", 200),
+                           slots=model.get("memory_slots", 128),
+                           width=model.get("memory_width", 40), **conv)
     if name == "cavia":
         return build_model("cavia_conv", ways=int(data["ways"]),
                            context=model.get("context") or 100, **conv)

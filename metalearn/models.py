@@ -230,13 +230,102 @@ class CaviaConvNet(nn.Module):
         return self.head(x.flatten(1))
 
 
+class HallucinatorNet(nn.Module):
+    """The network of support-set hallucination (Wang et al., 2018): a Conv-4 embedding and the
+    generator ``G``, a three-layer MLP with leaky ReLUs (the paper's) from ``[e, z]`` (an
+    embedding and ``noise_dim`` noise values) to an embedding's width.
+
+    ``forward(x)`` embeds; the algorithm calls ``generator`` itself and adds its output to the
+    seed embedding. The generator's last layer starts at zero, so an untrained generator copies
+    its seed (the method starts as ProtoNet) and the other layers still get gradient through it
+    once it moves.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", noise_dim: int = 16,
+                 hidden: int = 128, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if noise_dim < 1:
+            raise ValueError(f"noise_dim must be >= 1, got {noise_dim}")
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        self.embedding_dim = d = self.encoder.embedding_dim
+        self.noise_dim = int(noise_dim)
+        self.generator = nn.Sequential(nn.Linear(d + noise_dim, hidden), nn.LeakyReLU(0.2),
+                                       nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+                                       nn.Linear(hidden, d))
+        nn.init.zeros_(self.generator[-1].weight)
+        nn.init.zeros_(self.generator[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
+class MANNNet(nn.Module):
+    """The parameters of a memory-augmented network (Santoro et al., 2016) for ``ways`` labels: a
+    Conv-4 embedding, an LSTM ``controller`` over ``[embedding, label, read]``, the ``key``,
+    ``add`` and ``gate`` heads of the memory, and the output ``head`` over ``[h, read]``. The
+    recurrence itself (least-recently-used access to a ``slots`` × ``width`` memory) is
+    :class:`metalearn.algorithms.mann.MANN`'s; ``forward(x)`` embeds. Paper sizes: a 200-unit
+    controller and a 128 × 40 memory.
+    """
+
+    def __init__(self, ways: int = 5, channels: int = 64, pooling: Pooling = "max",
+                 controller: int = 200, slots: int = 128, width: int = 40, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        if min(ways, controller, slots, width) < 1:
+            raise ValueError("ways, controller, slots and width must be >= 1")
+        self.ways, self.slots, self.width = int(ways), int(slots), int(width)
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        d = self.encoder.embedding_dim
+        self.controller = nn.LSTMCell(d + ways + width, controller)
+        self.key = nn.Linear(controller, width)
+        self.add = nn.Linear(controller, width)
+        self.gate = nn.Linear(controller, 1)
+        self.head = nn.Linear(controller + width, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
+class VersaNet(nn.Module):
+    """The networks of VERSA (Gordon et al., 2019): a Conv-4 embedding and the amortization
+    network, an MLP with ELUs over a class's mean embedding followed by four linear heads, the
+    mean and log-variance of the class's weight vector (the embedding's width) and of its bias.
+    The log-variance heads' biases start at −6 (σ ≈ 0.05), so the first samples are close to
+    their means. ``forward(x)`` embeds; :class:`metalearn.algorithms.versa.VERSA` calls the rest.
+    """
+
+    def __init__(self, channels: int = 64, pooling: Pooling = "max", hidden: int = 128,
+                 in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
+        super().__init__()
+        self.encoder = OmniglotConvNet(0, channels, pooling, in_channels, image_size)
+        self.input_shape = self.encoder.input_shape
+        d = self.embedding_dim = self.encoder.embedding_dim
+        self.amortizer = nn.Sequential(nn.Linear(d, hidden), nn.ELU(), nn.Linear(hidden, hidden),
+                                       nn.ELU())
+        self.weight_mean = nn.Linear(hidden, d)
+        self.weight_logvar = nn.Linear(hidden, d)
+        self.bias_mean = nn.Linear(hidden, 1)
+        self.bias_logvar = nn.Linear(hidden, 1)
+        for head in (self.weight_logvar, self.bias_logvar):
+            nn.init.constant_(head.bias, -6.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
 def build_model(name: str, **kwargs: object) -> nn.Module:
     """Build a model by name (``omniglot_conv``, ``sinusoid_mlp``, ``matching_net``,
-    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``)."""
+    ``siamese_net``, ``cavia_mlp``, ``cavia_conv``, ``hallucinator_net``, ``mann_net``,
+    ``versa_net``)."""
     builders: dict[str, type[nn.Module]] = {
         "omniglot_conv": OmniglotConvNet, "sinusoid_mlp": SinusoidMLP,
         "matching_net": MatchingNet, "siamese_net": SiameseNet, "cavia_mlp": CaviaMLP,
-        "cavia_conv": CaviaConvNet}
+        "cavia_conv": CaviaConvNet, "hallucinator_net": HallucinatorNet,
+        "mann_net": MANNNet, "versa_net": VersaNet}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name](**kwargs)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from metalearn.algorithms import ALGORITHMS, build_algorithm, embedding_only, hyperparameters
 from metalearn.algorithms.protonet import PROTOTYPES
-from metalearn.models import CaviaMLP, SiameseNet
+from metalearn.models import CaviaMLP, HallucinatorNet, MANNNet, SiameseNet, VersaNet
 from metalearn.params import max_abs_diff
 from metalearn.tasks import TaskBatch
 
@@ -241,16 +241,19 @@ def test_protonet_batch_equals_per_task() -> None:
 
 def test_registry_names_and_hyperparameters() -> None:
     assert set(ALGORITHMS) == {"maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
-                               "matching", "siamese", "cavia"}
+                               "matching", "siamese", "cavia", "hallucination", "mann", "versa"}
     assert "first_order" in hyperparameters("maml")
     assert "first_order" not in hyperparameters("fomaml")
     assert "impl" not in hyperparameters("metasgd")
     models = {"protonet": nn.Sequential(nn.Linear(3, 2)),
               "matching": nn.Sequential(nn.Linear(3, 2)),
-              "siamese": SiameseNet(channels=2, hidden=3), "cavia": CaviaMLP(context=2)}
+              "siamese": SiameseNet(channels=2, hidden=3), "cavia": CaviaMLP(context=2),
+              "hallucination": HallucinatorNet(channels=2, noise_dim=2, hidden=3),
+              "mann": MANNNet(channels=2, controller=3, slots=2, width=2),
+              "versa": VersaNet(channels=2, hidden=3)}
     for name in ALGORITHMS:
         model = models.get(name, Linear(3))
-        task_type = "classification" if embedding_only(name) else "regression"
+        task_type = "classification" if embedding_only(name) or name == "mann" else "regression"
         alg = build_algorithm(name, model, task_type, inner_lr=0.1, inner_steps=1,
                               test_steps=None)
         assert alg.name == name

@@ -41,6 +41,18 @@ def test_every_algorithm_has_a_bundled_config() -> None:
     ({"algorithm": {"name": "matching"}, "model": {"context": 4}},
      "model.context is a setting of algorithm 'cavia'"),
     ({"algorithm": {"name": "cavia"}, "model": {"context": 0}}, "model.context"),
+    ({"algorithm": {"name": "mann"}, "data": {"dataset": "sinusoid"},
+      "model": {"name": "sinusoid_mlp"}}, "mann is a classifier"),
+    ({"algorithm": {"name": "mann"}, "data": {"ways": 5}, "eval": {"ways": 20}},
+     "eval.ways 20 is more than MANN's data.ways 5"),
+    ({"algorithm": {"name": "protonet"}, "model": {"noise_dim": 4}},
+     "model.noise_dim is a setting of algorithm 'hallucination'"),
+    ({"algorithm": {"name": "hallucination"}, "model": {"memory_slots": 4}},
+     "model.memory_slots is a setting of algorithm 'mann'"),
+    ({"algorithm": {"name": "versa"}, "data": {"dataset": "sinusoid"},
+      "model": {"name": "sinusoid_mlp"}}, "versa is a classifier"),
+    ({"algorithm": {"name": "mann"}, "model": {"amortizer_units": 4}},
+     "model.amortizer_units is a setting of algorithm 'versa'"),
 ])
 def test_model_settings_of_other_algorithms_are_refused(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -1,9 +1,12 @@
-"""Matching Networks, Siamese networks and CAVIA served over real HTTP.
+"""Matching Networks, Siamese networks, CAVIA, support hallucination, MANN and VERSA served
+over real HTTP.
 
 Tiny real runs of each are trained here and served by one Ray Serve instance. ``/v1/adapt``
 makes each algorithm's own adapted state (support embeddings and labels, twin features, an
-adapted context) on the replica; its predictions, and later ones by the id it returns, must
-equal the same adaptation done offline with the run's checkpoint.
+adapted context, prototypes with the generated embeddings, a filled memory, a classifier's
+posterior and its draws) on the replica;
+its predictions, and later ones by the id it returns, must equal the same adaptation done
+offline with the run's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import yaml
 from cluster.ports import free_port
 from experiments.config import parse_config
 from experiments.train import train
+from metalearn.algorithms.mann import STATE as MANN_STATE
 from metalearn.checkpoint import load_checkpoint
 from metalearn.from_config import algorithm_from_config
 from serve.client import EdgeMetaClient
@@ -40,6 +44,16 @@ RUNS: dict[str, dict[str, Any]] = {
                    "algorithm": {"name": "cavia", "inner_lr": 1.0, "inner_steps": 1},
                    "model": {"name": "sinusoid_mlp", "hidden": 8, "context": 2},
                    "eval": {"episodes": 3, "batch": 3, "steps_list": [0, 1]}},
+    "hallucination": {"data": OMNIGLOT, "algorithm": {"name": "hallucination", "inner_steps": 0},
+                      "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                                "noise_dim": 3, "generator_units": 8}},
+    "mann": {"data": OMNIGLOT, "algorithm": {"name": "mann", "inner_steps": 0},
+             "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                       "controller_units": 6, "memory_slots": 5, "memory_width": 3}},
+    "versa": {"data": OMNIGLOT, "algorithm": {"name": "versa", "inner_steps": 0,
+                                              "options": {"samples": 3}},
+              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
+                        "amortizer_units": 5}},
 }
 
 
@@ -100,8 +114,22 @@ def test_adapt_over_http_equals_offline_adaptation(served: tuple[str, Path], nam
         changed = {k for k in params if not torch.equal(stored[k], params[k])}
         if name.startswith("cavia"):  # only the context adapted, from zero
             assert extra == set() and changed == {"context"}
+        elif name == "hallucination":  # prototypes over real and generated embeddings
+            assert extra == {"prototypes", "generated_embeddings", "generated_labels"}
+            assert stored["generated_embeddings"].shape == (6 * 2, 4) and changed == set()
+        elif name == "mann":  # the memory and controller state after the support sequence
+            assert extra == set(MANN_STATE) and changed == set()
+            assert float((stored["memory"] - 1e-6).abs().max()) > 1e-4
+        elif name == "versa":  # the classifier's Gaussian per class and its draws
+            assert extra == {"weight_mean", "weight_logvar", "bias_mean", "bias_logvar",
+                             "weight_samples", "bias_samples"} and changed == set()
+            assert stored["weight_samples"].shape == (3, 3, 4)
         else:  # metric learners: the support set's embeddings and labels, weights unchanged
             assert len(extra) == 2 and changed == set()
-        if name in ("matching", "siamese"):  # the meta-model is an embedding: no classes
+        if name in ("matching", "siamese", "hallucination", "versa"):  # no classes of its own
             with pytest.raises(Exception, match="embedding with no classes"):
                 client.predict(f"{name}@2", wire_q)
+        if name == "mann":  # a meta-model is a MANN with an empty memory: it predicts
+            empty = algorithm.predict(params, qx)
+            got = torch.tensor(client.predict(f"{name}@2", wire_q)["probabilities"])
+            torch.testing.assert_close(got, torch.softmax(empty, -1), atol=1e-5, rtol=0)

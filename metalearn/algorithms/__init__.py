@@ -1,18 +1,21 @@
 """Meta-learning algorithms behind one interface, built by name from plain config values.
 
-=========  =======================================================================
-name       algorithm
-=========  =======================================================================
-maml       second-order MAML (``impl``: ``func`` fast path or ``higher`` reference)
-fomaml     first-order MAML
-reptile    Reptile (meta-gradient = θ − mean of adapted θ)
-anil       ANIL: only ``head.*`` adapts in the inner loop
-metasgd    Meta-SGD: learned per-element inner learning rates ``lr.<name>``
-protonet   prototypical networks over an embedding model (``ways=0``)
-matching   Matching Networks: cosine attention over support embeddings (FCE optional)
-siamese    Siamese networks: a twin trained on same/different pairs, weighted L1 distance
-cavia      CAVIA: only the context parameters (``context``, reset to 0) adapt
-=========  =======================================================================
+=============  ===================================================================
+name           algorithm
+=============  ===================================================================
+maml           second-order MAML (``impl``: ``func`` fast path or ``higher`` reference)
+fomaml         first-order MAML
+reptile        Reptile (meta-gradient = θ − mean of adapted θ)
+anil           ANIL: only ``head.*`` adapts in the inner loop
+metasgd        Meta-SGD: learned per-element inner learning rates ``lr.<name>``
+protonet       prototypical networks over an embedding model (``ways=0``)
+matching       Matching Networks: cosine attention over support embeddings (FCE optional)
+siamese        Siamese networks: a twin trained on same/different pairs, weighted L1 distance
+cavia          CAVIA: only the context parameters (``context``, reset to 0) adapt
+hallucination  ProtoNet over a support set augmented by a learned generator (Wang et al.)
+mann           MANN: LSTM controller, LRU-access memory filled by the support sequence
+versa          VERSA: amortized inference of each class's weight distribution (Gordon et al.)
+=============  ===================================================================
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from torch import nn
 from metalearn.algorithms.anil import ANIL
 from metalearn.algorithms.base import MetaAlgorithm, MetaUpdate, TaskType
 from metalearn.algorithms.cavia import CAVIA
+from metalearn.algorithms.hallucination import SupportHallucination
 from metalearn.algorithms.maml import FOMAML, MAML
+from metalearn.algorithms.mann import MANN
 from metalearn.algorithms.matching import MatchingNetworks
 from metalearn.algorithms.metasgd import MetaSGD
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.algorithms.reptile import Reptile
 from metalearn.algorithms.siamese import SiameseNetworks
+from metalearn.algorithms.versa import VERSA
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "maml": MAML,
@@ -41,6 +47,9 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "matching": MatchingNetworks,
     "siamese": SiameseNetworks,
     "cavia": CAVIA,
+    "hallucination": SupportHallucination,
+    "mann": MANN,
+    "versa": VERSA,
 }
 
 
@@ -64,6 +73,12 @@ def embedding_only(name: str) -> bool:
     return bool(_lookup(name).embedding_only)
 
 
+def classifier_only(name: str) -> bool:
+    """Whether the algorithm can only classify (every metric learner, and MANN)."""
+    cls = _lookup(name)
+    return bool(cls.embedding_only or cls.classifier_only)
+
+
 def _lookup(name: str) -> type[MetaAlgorithm]:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
@@ -84,6 +99,25 @@ def build_algorithm(name: str, model: nn.Module, task_type: TaskType = "classifi
     return cls(model, task_type, **hyper)  # type: ignore[arg-type]
 
 
-__all__ = ["ALGORITHMS", "ANIL", "CAVIA", "FOMAML", "MAML", "MatchingNetworks", "MetaAlgorithm",
-           "MetaSGD", "MetaUpdate", "ProtoNet", "Reptile", "SiameseNetworks", "build_algorithm",
-           "embedding_only", "hyperparameters", "register_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "ANIL",
+    "CAVIA",
+    "FOMAML",
+    "MAML",
+    "MANN",
+    "VERSA",
+    "MatchingNetworks",
+    "MetaAlgorithm",
+    "MetaSGD",
+    "MetaUpdate",
+    "ProtoNet",
+    "Reptile",
+    "SiameseNetworks",
+    "SupportHallucination",
+    "build_algorithm",
+    "classifier_only",
+    "embedding_only",
+    "hyperparameters",
+    "register_algorithm",
+]

@@ -75,6 +75,9 @@ class MetaAlgorithm(ABC):
     #: True for metric learners (ProtoNet, Matching Networks, Siamese): the meta-model is an
     #: embedding with no classes; only an adapted state predicts.
     embedding_only: ClassVar[bool] = False
+    #: True for an algorithm that only classifies although its model has classes (MANN: its
+    #: labels are inputs of the controller).
+    classifier_only: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, task_type: TaskType = "classification",
                  inner_lr: float = 0.4, inner_steps: int = 1,
