@@ -171,7 +171,8 @@ def table(path: Path, targets: list[float]) -> str:
     rows = {r["mode"]: r for r in read_rows(path)}
     base = rows.get("wait_for_all")
     head = ("| mode | settings | updates applied | median round (s) | site results a round "
-            + "".join(f"| time to {100 * t:g} % (s) " for t in targets)
+            + "".join(f"| time to {100 * t:g} % (s; × = wait_for_all's time / this) "
+                      for t in targets)
             + f"| accuracy at {base['budget_s'] if base else '?'} s |")
     lines = [head, "|" + "---|" * (5 + len(targets) + 1)]
     for mode in MODES:
@@ -185,7 +186,7 @@ def table(path: Path, targets: list[float]) -> str:
             if mine is None:
                 cells.append("not reached")
             elif ref and mode != "wait_for_all":
-                cells.append(f"{mine:.0f} ({ref / mine:.2f}× sooner)")
+                cells.append(f"{mine:.0f} ({ref / mine:.2f}×)")
             else:
                 cells.append(f"{mine:.0f}")
         settings = ", ".join(f"{k} {v if not isinstance(v, dict) else v['name']}"

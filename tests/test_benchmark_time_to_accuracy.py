@@ -52,7 +52,7 @@ def test_the_table_reads_time_to_target_off_the_curve(tmp_path: Path) -> None:
          "curve": [[60.0, 12, 0.52, 0.02], [120.0, 25, 0.6, 0.02], [180.0, 40, 0.66, 0.02]]},
     ]) + "\n")
     text = table(rows, [0.5, 0.7])
-    assert "| fedbuff | – | 40 | 1.00 | 7.00 | 60 (2.00× sooner) | not reached | 66.0 ± 2.0 |" \
+    assert "| fedbuff | – | 40 | 1.00 | 7.00 | 60 (2.00×) | not reached | 66.0 ± 2.0 |" \
         in text, text
     with pytest.raises(SystemExit, match="unknown mode 'sync'"):
         main(["--modes", "sync", "--out", str(rows)])
