@@ -170,7 +170,7 @@ def time_to(curve: list[list[float]], target: float) -> float | None:
 def table(path: Path, targets: list[float]) -> str:
     rows = {r["mode"]: r for r in read_rows(path)}
     base = rows.get("wait_for_all")
-    head = ("| mode | settings | updates applied | median round (s) | site results a round "
+    head = ("| mode | settings | rounds (fedbuff: updates) | median round (s) | updates a round "
             + "".join(f"| time to {100 * t:g} % (s; × = wait_for_all's time / this) "
                       for t in targets)
             + f"| accuracy at {base['budget_s'] if base else '?'} s |")
