@@ -13,10 +13,21 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from actors.contract import SiteConditions
-from metalearn.availability import OnOffSchedule
+from metalearn.availability import OnOffSchedule, Schedule, TraceSchedule
 
 T = TypeVar("T")
 POLL_S = 0.02
+
+
+def availability_schedule(seed: int, site: str, conditions: SiteConditions
+                          ) -> Schedule | None:
+    """The site's on periods as both ends derive them (the site here, the driver from the same
+    ``SiteConditions``): None when always on."""
+    if conditions.traced:
+        return TraceSchedule(conditions.on_periods, conditions.repeat_s)
+    if conditions.comes_and_goes:
+        return OnOffSchedule(seed, site, conditions.mean_on_s, conditions.mean_off_s)
+    return None
 
 
 class SiteLeft(RuntimeError):
@@ -34,8 +45,7 @@ class SiteConditionsClock:
                  cancelled: Callable[[], bool], stop: Callable[[], BaseException]) -> None:
         self.site = site
         self.conditions = conditions
-        self.schedule = (OnOffSchedule(seed, site, conditions.mean_on_s, conditions.mean_off_s)
-                         if conditions.comes_and_goes else None)
+        self.schedule = availability_schedule(seed, site, conditions)
         self._cancelled, self._stop = cancelled, stop
         self._call_clock: tuple[float, float] | None = None  # (run clock, perf_counter) at call
         self._leaves_at: float | None = None

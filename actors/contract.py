@@ -181,13 +181,18 @@ class SiteConditions:
     idling). ``bandwidth_bytes_s``: receiving the parameters and sending the update each take
     bytes / this (simulated: the site waits that long); None: no delay. ``mean_on_s`` /
     ``mean_off_s``: its seeded on/off schedule (:class:`metalearn.availability.OnOffSchedule`);
-    0 when always on.
+    0 when always on or traced. ``on_periods``: its on periods from a trace file, read by the
+    cloud (:class:`metalearn.availability.TraceSchedule`; ``repeat_s``: the trace repeats),
+    empty when not traced.
     """
 
     speed: float
     bandwidth_bytes_s: float | None
     mean_on_s: float
     mean_off_s: float
+    on_periods: tuple[tuple[float, float], ...] = ()
+    repeat_s: float | None = None
+    traced: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.speed <= 1:
@@ -197,7 +202,7 @@ class SiteConditions:
 
     @property
     def comes_and_goes(self) -> bool:
-        return self.mean_on_s > 0 and self.mean_off_s > 0
+        return self.traced or (self.mean_on_s > 0 and self.mean_off_s > 0)
 
 
 @dataclass(frozen=True)

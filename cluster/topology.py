@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.traces import trace_periods
+
 SITE_RESOURCE_QUANTITY = 1000.0
 ACTOR_RESOURCE_REQUEST = 1.0
 CLOUD_RESOURCE = "cloud"
@@ -116,12 +118,48 @@ SiteAttack = Annotated[
 
 
 class Availability(_Section):
-    """A site that comes and goes: on and off periods drawn from exponential distributions
-    with these means (seconds of the run's clock), seeded by the run seed and the site's name;
-    on at time 0 (:class:`metalearn.availability.OnOffSchedule`)."""
+    """A site that comes and goes, one of two ways (times in seconds of the run's clock):
+    ``mean_on_s`` and ``mean_off_s``, exponential on and off periods with these means seeded
+    by the run seed and the site's name, on at time 0
+    (:class:`metalearn.availability.OnOffSchedule`); or ``trace``, the on periods recorded in
+    a file (:mod:`cluster.traces` documents its format), of the trace's site ``trace_site``
+    (default: this site's name), repeated every ``repeat_s`` seconds if given
+    (:class:`metalearn.availability.TraceSchedule`)."""
 
-    mean_on_s: float = Field(gt=0, description="mean length of a period the site is reachable")
-    mean_off_s: float = Field(gt=0, description="mean length of a period it is away")
+    mean_on_s: float | None = Field(None, gt=0, description="mean length of a period the "
+                                                            "site is reachable")
+    mean_off_s: float | None = Field(None, gt=0, description="mean length of a period it is "
+                                                             "away")
+    trace: str | None = Field(None, min_length=1, description="a trace file (.csv or .jsonl: "
+                                                              "site, start_s, end_s); absolute "
+                                                              "or relative to the working "
+                                                              "directory")
+    trace_site: str | None = Field(None, min_length=1, description="the site's name in the "
+                                                                   "trace; default: its own")
+    repeat_s: float | None = Field(None, gt=0, description="the trace starts over every "
+                                                           "repeat_s seconds; none: away after "
+                                                           "its last period")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Availability:
+        seeded = (self.mean_on_s, self.mean_off_s)
+        if self.trace is None:
+            if None in seeded:
+                raise ValueError("availability needs mean_on_s and mean_off_s (a seeded "
+                                 "on/off schedule) or trace (a trace file)")
+            if self.trace_site is not None or self.repeat_s is not None:
+                raise ValueError("availability.trace_site and repeat_s belong to a trace; "
+                                 "set availability.trace")
+        elif seeded != (None, None):
+            raise ValueError("availability takes either mean_on_s/mean_off_s or trace, "
+                             "not both")
+        return self
+
+    def on_periods(self, site: str) -> tuple[tuple[float, float], ...]:
+        """The trace's on periods of ``site`` (``()`` for a seeded schedule)."""
+        if self.trace is None:
+            return ()
+        return trace_periods(self.trace, self.trace_site or site)
 
 
 class Site(NodeResources):
@@ -150,7 +188,23 @@ class Site(NodeResources):
         None, gt=0, description="simulated link: sending b bytes either way takes "
                                 "8 b / (bandwidth_mbps 1e6) s; none: no delay")
     availability: Availability | None = Field(
-        None, description="seeded on/off schedule; none: always reachable")
+        None, description="seeded on/off schedule or a trace file; none: always reachable")
+
+    @model_validator(mode="after")
+    def _trace_usable(self) -> Site:
+        """A trace file that holds this site's periods, within ``repeat_s``."""
+        if self.availability is None or self.availability.trace is None:
+            return self
+        try:
+            periods = self.availability.on_periods(self.name)
+        except ValueError as err:
+            raise ValueError(f"availability.trace: {err}") from None
+        last = periods[-1][1] if periods else 0.0
+        repeat = self.availability.repeat_s
+        if repeat is not None and repeat < last:
+            raise ValueError(f"availability.repeat_s {repeat:g} is shorter than the trace "
+                             f"(the last period of {self.name} ends at {last:g} s)")
+        return self
 
 
 class Topology(_Section):

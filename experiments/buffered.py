@@ -42,7 +42,7 @@ from experiments.loop import RunLoop
 from experiments.runlog import RowTable, RunLog, round_line, round_row
 from experiments.site_jobs import federated_section
 from metalearn.aggregation import FlatUpdate, buffered_mean
-from metalearn.availability import OnOffSchedule
+from metalearn.availability import Schedule
 from metalearn.checkpoint import save_checkpoint
 from metalearn.outer import OuterOptimizer
 from metalearn.sites import site_seed
@@ -57,7 +57,7 @@ class Cloud(Protocol):
     site_log: RowTable
     param_bytes: int
     missed: int
-    schedules: dict[str, OnOffSchedule]
+    schedules: dict[str, Schedule]
 
     def state(self, with_sites: bool = True) -> dict[str, Any]: ...
 

@@ -62,6 +62,7 @@ import ray
 import torch
 
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
+from actors.conditions import availability_schedule
 from actors.contract import UpdateKind
 from actors.federation import Federation, RoundOutcome, broadcast
 from cluster import ray_logs
@@ -90,13 +91,14 @@ from experiments.site_jobs import (
     auto_shard,
     choose_participants,
     federated_section,
+    site_conditions,
     site_jobs,
     site_stores,
     tasks_per_site,
 )
 from experiments.stopping import exit_code
 from metalearn.aggregation import Aggregator
-from metalearn.availability import OnOffSchedule
+from metalearn.availability import Schedule
 from metalearn.checkpoint import save_checkpoint
 from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
@@ -360,7 +362,7 @@ class Cloud:
     missed: int = 0
     privacy: dp.CloudPrivacy | None = None
     secagg: secagg.CloudSecAgg | None = None
-    schedules: dict[str, OnOffSchedule] = field(default_factory=dict)  # sites that come and go
+    schedules: dict[str, Schedule] = field(default_factory=dict)  # sites that come and go
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, topology: Topology, devices: Mapping[str, int],
@@ -394,8 +396,7 @@ class Cloud:
                    site_log, num_bytes(outer.params), fed.quorum,
                    privacy=privacy,
                    secagg=secagg.CloudSecAgg.start(fed, devices, outer.layout.numel),
-                   schedules={s.name: OnOffSchedule(cfg.seed, s.name, s.availability.mean_on_s,
-                                                    s.availability.mean_off_s)
+                   schedules={s.name: availability_schedule(cfg.seed, s.name, site_conditions(s))
                               for s in topology.sites if s.availability is not None})
 
     def state(self, with_sites: bool = True) -> dict[str, Any]:

@@ -113,8 +113,11 @@ def site_conditions(site: Site) -> SiteConditions:
     return SiteConditions(
         speed=site.speed,
         bandwidth_bytes_s=None if site.bandwidth_mbps is None else site.bandwidth_mbps * 1e6 / 8,
-        mean_on_s=0.0 if on_off is None else on_off.mean_on_s,
-        mean_off_s=0.0 if on_off is None else on_off.mean_off_s)
+        mean_on_s=0.0 if on_off is None else on_off.mean_on_s or 0.0,
+        mean_off_s=0.0 if on_off is None else on_off.mean_off_s or 0.0,
+        on_periods=() if on_off is None else on_off.on_periods(site.name),
+        repeat_s=None if on_off is None else on_off.repeat_s,
+        traced=on_off is not None and on_off.trace is not None)
 
 
 def site_compression(fed: FederatedConfig) -> Compression | None:

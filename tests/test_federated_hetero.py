@@ -1,5 +1,6 @@
 """Heterogeneous sites on a real multi-node Ray cluster on this machine: compressed updates,
-time-budgeted local work, sites of different speed, availability and bandwidth, and
+time-budgeted local work, sites of different speed, availability (seeded, and from a trace
+file) and bandwidth, and
 asynchronous (buffered) rounds; each one resumed from a checkpoint.
 
 The module starts ``ray.cluster_utils.Cluster`` (see ``tests/helpers.py``): a head with the
@@ -24,7 +25,7 @@ from actors.edge import EdgeNode, spawn_edge
 from experiments.config import ConfigError, ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from experiments.site_jobs import site_jobs
-from metalearn.availability import OnOffSchedule
+from metalearn.availability import OnOffSchedule, TraceSchedule
 from metalearn.checkpoint import checkpoint_dir, checkpoint_path, load_checkpoint
 from metalearn.compression import decode
 from metalearn.from_config import algorithm_from_config
@@ -186,9 +187,15 @@ def test_budgeted_work_fednova_bandwidth_and_availability_in_one_run(cluster,
     """A 0.3 s local-work budget: the quarter-speed site takes fewer local steps than the fast
     one, FedNova aggregates the unequal work, a slow link adds bytes / bandwidth, and a site
     that comes and goes is asked only while on (its on period of [0, 0.31) s of the run's clock
-    ends inside round 1: it leaves mid-round, a failed call). Stopped after round 3 and
-    resumed: every round once, the run's clock (and so the schedule) continued."""
-    sites = [{"name": "site-0"}, {"name": "site-1", "speed": 0.25},
+    ends inside round 1: it leaves mid-round, a failed call). The slow site's availability is
+    a trace file: away until 0.2 s (so in round 1, which the budget makes last longer), then on.
+    Stopped after round 3 and resumed: every round once, the run's clock (and so the schedules)
+    continued."""
+    trace = tmp_path / "trace.csv"
+    trace.write_text("site,start_s,end_s\nslow-phone,0.2,1000\n")
+    sites = [{"name": "site-0"},
+             {"name": "site-1", "speed": 0.25,
+              "availability": {"trace": str(trace), "trace_site": "slow-phone"}},
              {"name": "site-2", "bandwidth_mbps": 0.1,  # 1,924 bytes: 0.154 s each way
               "availability": {"mean_on_s": 1.0, "mean_off_s": 1.0}}]
     # local_steps high enough that the budget, not the cap, ends the local work (a quiet
@@ -212,6 +219,11 @@ def test_budgeted_work_fednova_bandwidth_and_availability_in_one_run(cluster,
         site2 = rows[rows["site"] == "site-2"].set_index("round")
         for r, start in zip(rounds["round"], starts, strict=True):
             assert (site2.loc[r, "status"] == "away") == (not schedule.is_on(start)), (r, start)
+        traced = TraceSchedule([(0.2, 1000.0)])
+        site1 = rows[rows["site"] == "site-1"].set_index("round")
+        for r, start in zip(rounds["round"], starts, strict=True):
+            assert (site1.loc[r, "status"] == "away") == (not traced.is_on(start)), (r, start)
+        assert site1.loc[1, "status"] == "away" and (site1["status"] == "ok").sum() >= 3
         assert site2.loc[1, "status"] == "failed", (cfg.name, site2.loc[1].to_dict())
         assert "SiteLeft" in site2.loc[1, "error"]
         assert (rounds["away"] >= 1).sum() >= 2
