@@ -97,7 +97,8 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     """The network. The algorithm chooses how it is wrapped (ProtoNet: the conv net without a
-    head; Matching Networks and Siamese: their embedding around it; CAVIA: context inputs)."""
+    head; Matching Networks and Siamese: their embedding around it; CAVIA: context inputs;
+    hallucination, MANN, VERSA: the conv net as the encoder of their own networks)."""
 
     name: Literal["omniglot_conv", "sinusoid_mlp"] = "omniglot_conv"
     channels: int = Field(64, ge=1)
