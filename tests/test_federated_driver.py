@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from experiments.cli import main
@@ -86,6 +87,20 @@ def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
     assert fed["sites"] == ["site-0", "site-1"] and fed["skipped_rounds"] == 0
     assert {p["site"] for p in fed["personalization"]} == {"site-0", "site-1"}
     assert all("after_mse" in p for p in fed["personalization"])
+    # each site's personalized model, made at the site, written where serving finds it
+    from serve.store import ModelStore
+
+    store = ModelStore([run], cache_size=0)
+    for row in fed["personalization"]:
+        assert row["personalize_steps"] == 5 and row["round"] == 3
+        assert row["site_after_mse"] > 0 and row["site_before_mse"] > 0
+        model = store.get(f"fed-cli@site-{row['site']}")
+        meta = store.get("fed-cli@3")
+        moved = sum(float((model.params[k] - meta.params[k]).abs().sum()) for k in meta.params)
+        assert model.ref.kind == "site" and moved > 0
+        saved = torch.load(model.ref.path.path, weights_only=False)
+        assert saved["round"] == 3 and saved["scores"]["site_after_mse"] == row["site_after_mse"]
+    assert "site models (round 3, 5 step(s) each): site-site-0.pt, site-site-1.pt" in proc.stdout
 
 
 @pytest.mark.parametrize(
