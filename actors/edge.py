@@ -453,36 +453,19 @@ class EdgeNode:
         return self._computed(self._personalize, params, ask)
 
     def _personalize(self, params: np.ndarray | Params, ask: Personalize) -> SiteModelReply:
-        from metalearn.evaluation import evaluate_by_steps
-        from metalearn.site_models import personalized_init
+        from metalearn.site_models import personalize_site
 
-        t0 = time.perf_counter()
         params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
                   else {k: v.detach().clone() for k, v in params.items()})
-        steps = self.algorithm.test_steps
-        personal, metrics = None, {}
-        if ask.steps > 0:
-            personal, metrics = personalized_init(
-                self.algorithm, params, self.tasks.personal_sampler(ask.round),
-                ask.tasks_per_step, ask.steps, ask.lr, ask.optimizer)
-
-        def scores(model: Params) -> dict[str, float]:
-            by_steps = evaluate_by_steps(self.algorithm, model,
-                                         self.tasks.holdout_sampler().sample, ask.episodes,
-                                         steps_list=[0, steps], batch=min(32, ask.episodes))
-            return {f"{when}_{k}": float(v) for when, result in (("before", by_steps[0]),
-                                                                  ("after", by_steps[steps]))
-                    for k, v in result.items() if k != "episodes"}
-
-        scored = ask.episodes > 0
+        made = personalize_site(self.algorithm, params, self.tasks, ask.round, ask.steps, ask.lr,
+                                ask.optimizer, ask.tasks_per_step, ask.episodes)
         return SiteModelReply(
-            site=self.site, round=int(ask.round), episodes=int(ask.episodes), test_steps=steps,
-            steps=int(ask.steps), global_scores=scores(params) if scored else {},
-            personal_scores=scores(personal) if scored and personal is not None else {},
-            params=(np.zeros(0, dtype=np.float32) if personal is None
-                    else self.layout.pack(personal)),
-            train_metrics={k: float(v) for k, v in metrics.items()},
-            seconds=time.perf_counter() - t0)
+            site=self.site, round=int(ask.round), episodes=int(ask.episodes),
+            test_steps=self.algorithm.test_steps, steps=int(ask.steps),
+            global_scores=made.global_scores, personal_scores=made.personal_scores,
+            params=(np.zeros(0, dtype=np.float32) if made.params is None
+                    else self.layout.pack(made.params)),
+            train_metrics=made.train_metrics, seconds=made.seconds)
 
     # ------------------------------------------------------------------ bookkeeping
 

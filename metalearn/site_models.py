@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from metalearn.algorithms.base import MetaAlgorithm
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params
-from metalearn.sites import SampleTasks
+from metalearn.sites import SampleTasks, SiteTasks
 from metalearn.storage import Location, PathLike, location
 
 SITE_MODELS_DIR = "adapted"  # beside /v1/adapt's models: one folder of servable non-checkpoints
@@ -58,6 +59,47 @@ def personalized_init(algorithm: MetaAlgorithm, params: Params, sample_tasks: Sa
             sums[k] = sums.get(k, 0.0) + float(v)
     return ({k: v.detach().clone() for k, v in outer.params.items()},
             {k: v / steps for k, v in sums.items()})
+
+
+@dataclass
+class Personalized:
+    """A site's model and its scores: ``params`` None when no step was asked for; the scores
+    of the meta-model (``global_scores``) and of the site model (``personal_scores``) on the
+    same held-out episodes, ``before_*`` / ``after_*`` test-time adaptation (empty when no
+    episode was asked for)."""
+
+    params: Params | None
+    global_scores: dict[str, float]
+    personal_scores: dict[str, float]
+    train_metrics: dict[str, float]
+    seconds: float
+
+
+def personalize_site(algorithm: MetaAlgorithm, params: Params, tasks: SiteTasks, version: int,
+                     steps: int, lr: float, optimizer: Literal["sgd", "adam"],
+                     tasks_per_step: int, episodes: int) -> Personalized:
+    """Make a site's model from ``params`` on its training share (``tasks``, the stream of
+    ``version``) and score both on its held-out tasks, paired: what an edge actor does at the
+    end of training and what onboarding does for a site that joins later."""
+    from metalearn.evaluation import evaluate_by_steps
+
+    t0 = time.perf_counter()
+    personal, metrics = None, {}
+    if steps > 0:
+        personal, metrics = personalized_init(algorithm, params, tasks.personal_sampler(version),
+                                              tasks_per_step, steps, lr, optimizer)
+    test_steps = algorithm.test_steps
+
+    def scores(model: Params) -> dict[str, float]:
+        by_steps = evaluate_by_steps(algorithm, model, tasks.holdout_sampler().sample, episodes,
+                                     steps_list=[0, test_steps], batch=min(32, episodes))
+        return {f"{when}_{k}": float(v) for when, result in (("before", by_steps[0]),
+                                                              ("after", by_steps[test_steps]))
+                for k, v in result.items() if k != "episodes"}
+
+    return Personalized(personal, scores(params) if episodes > 0 else {},
+                        scores(personal) if episodes > 0 and personal is not None else {},
+                        metrics, time.perf_counter() - t0)
 
 
 def save_site_model(run_dir: PathLike, site: str, params: Mapping[str, torch.Tensor],
