@@ -335,3 +335,47 @@ class SiteInfo:
                 else f"amplitude {self.amplitude[0]:.2f}..{self.amplitude[1]:.2f}")
         return (f"{self.site}: {what}, {self.devices} device(s), "
                 f"ready in {self.load_s + self.warmup_s:.1f} s")
+
+
+@dataclass(frozen=True)
+class Personalize:
+    """What the cloud asks of a site at the end of training (and every
+    ``federated.site_models_every`` rounds): score the meta-model on the site's held-out tasks
+    and make its personalized model (:mod:`metalearn.site_models`).
+
+    ``round``: the round the meta-parameters are from (it seeds the personalization tasks).
+    ``episodes``: held-out episodes scored (0: none). ``steps``: meta-steps of the site's
+    model on its own training tasks (0: no model); ``lr`` and ``optimizer`` are the run's
+    outer settings, ``tasks_per_step`` the site's round size.
+    """
+
+    round: int
+    episodes: int
+    steps: int
+    lr: float
+    optimizer: Literal["sgd", "adam"]
+    tasks_per_step: int
+
+
+@dataclass(frozen=True)
+class SiteModelReply:
+    """What a site returns for :class:`Personalize`: scores and its model's parameters.
+
+    ``global_scores`` / ``personal_scores``: the meta-model's and the site model's scores on
+    the *same* held-out episodes, ``before_*`` without adaptation and ``after_*`` after
+    ``test_steps`` steps of it (``accuracy`` or ``mse``, with ``ci95``); empty when no episode
+    was scored, ``personal_scores`` also when no model was made. ``params``: the site model,
+    flat float32 in the model's layout (empty with ``steps`` 0). ``train_metrics``: the means
+    of its personalization steps. Aggregates only: no example leaves the site.
+    """
+
+    site: str
+    round: int
+    episodes: int
+    test_steps: int
+    steps: int
+    global_scores: Mapping[str, float]
+    personal_scores: Mapping[str, float]
+    params: np.ndarray
+    train_metrics: Mapping[str, float]
+    seconds: float

@@ -71,11 +71,13 @@ from actors.conditions import SiteConditionsClock
 from actors.contract import (
     Attack,
     Compression,
+    Personalize,
     RoundReply,
     RoundTimings,
     SecAggJob,
     SiteInfo,
     SiteJob,
+    SiteModelReply,
     SitePrivacy,
 )
 from cluster import open_audit
@@ -438,30 +440,32 @@ class EdgeNode:
 
     # ------------------------------------------------------------------ evaluation
 
-    def personalize(self, params: Params, episodes: int = 100) -> dict[str, Any]:
-        """Accuracy (or MSE) on the site's own held-out tasks, before and after adapting.
+    def personalize(self, params: np.ndarray | Params, ask: Personalize) -> SiteModelReply:
+        """The site's personalized model and its scores against the meta-model.
 
         Held out: Omniglot characters of the site's own alphabets that its training rounds
         never sample (``federated.holdout_fraction`` of them); sinusoid tasks of the site's
-        amplitude range from a stream training never draws. "Before" scores the meta-model
-        with zero adaptation steps, "after" with the algorithm's ``test_steps``, on the same
-        episodes (paired).
+        amplitude range from a stream training never draws. The site model
+        (:func:`metalearn.site_models.personalized_init`) is trained on the site's training
+        share only. Both models are scored on the same held-out episodes (paired), with zero
+        adaptation steps ("before") and the algorithm's ``test_steps`` ("after").
         """
-        return self._computed(self._personalize, params, episodes)
+        return self._computed(self._personalize, params, ask)
 
-    def _personalize(self, params: Params, episodes: int) -> dict[str, Any]:
-        from metalearn.evaluation import evaluate_by_steps
+    def _personalize(self, params: np.ndarray | Params, ask: Personalize) -> SiteModelReply:
+        from metalearn.site_models import personalize_site
 
-        t0 = time.perf_counter()
-        params = {k: v.detach().clone() for k, v in params.items()}
-        steps = self.algorithm.test_steps
-        by_steps = evaluate_by_steps(self.algorithm, params, self.tasks.holdout_sampler().sample,
-                                     episodes, steps_list=[0, steps], batch=min(32, episodes))
-        out: dict[str, Any] = {"site": self.site, "episodes": int(episodes), "steps": steps}
-        for prefix, result in (("before", by_steps[0]), ("after", by_steps[steps])):
-            out.update({f"{prefix}_{k}": float(v) for k, v in result.items() if k != "episodes"})
-        out["seconds"] = time.perf_counter() - t0
-        return out
+        params = (self.layout.unpack(params) if isinstance(params, np.ndarray)
+                  else {k: v.detach().clone() for k, v in params.items()})
+        made = personalize_site(self.algorithm, params, self.tasks, ask.round, ask.steps, ask.lr,
+                                ask.optimizer, ask.tasks_per_step, ask.episodes)
+        return SiteModelReply(
+            site=self.site, round=int(ask.round), episodes=int(ask.episodes),
+            test_steps=self.algorithm.test_steps, steps=int(ask.steps),
+            global_scores=made.global_scores, personal_scores=made.personal_scores,
+            params=(np.zeros(0, dtype=np.float32) if made.params is None
+                    else self.layout.pack(made.params)),
+            train_metrics=made.train_metrics, seconds=made.seconds)
 
     # ------------------------------------------------------------------ bookkeeping
 

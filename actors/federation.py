@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.contract import RoundReply, SiteInfo, SiteJob
+from actors.contract import Personalize, RoundReply, SiteInfo, SiteJob, SiteModelReply
 from actors.edge import spawn_edge
 from cluster.console import Printer
 from metalearn.aggregation import FlatUpdate
@@ -355,23 +355,48 @@ class Federation:
         ray.get([self.edges[s].load_sampler_state.remote(state)
                  for s, state in states.items() if s in self.edges])
 
-    def personalize(self, params: Params, episodes: int, echo: Printer) -> list[dict[str, Any]]:
-        """Each site's held-out tasks before and after adaptation; a failing site is reported."""
-        if episodes <= 0:
-            return []
-        ref = ray.put(params)
-        refs = {site: e.personalize.remote(ref, episodes) for site, e in self.edges.items()}
-        rows = []
+    def personalize(self, params: Params, ask: Personalize, echo: Printer,
+                    ) -> tuple[list[dict[str, Any]], dict[str, SiteModelReply]]:
+        """Each idle, reachable site's scores on its held-out tasks and its personalized model
+        (:meth:`actors.edge.EdgeNode.personalize`): report rows (a failing site gets an
+        ``error`` row) and the replies that carry a model, by site."""
+        if ask.episodes <= 0 and ask.steps <= 0:
+            return [], {}
+        ref = ray.put(self.layout.pack(params))
+        refs = {site: e.personalize.remote(ref, ask) for site, e in self.edges.items()
+                if site not in self.pending and site not in self.probes}
+        rows: list[dict[str, Any]] = []
+        models: dict[str, SiteModelReply] = {}
         for site, r in refs.items():
             try:
-                rows.append(ray.get(r))
+                reply: SiteModelReply = ray.get(r)
             except Exception as err:
                 rows.append({"site": site, "error": error_text(err)})
-        for row in rows:
-            if "error" in row:
-                echo(f"  {row['site']}: personalization failed: {row['error']}")
+                echo(f"  {site}: personalization failed: {rows[-1]['error']}")
                 continue
-            key = "accuracy" if "after_accuracy" in row else "mse"
-            echo(f"  {row['site']}: held-out {key} {row[f'before_{key}']:.3f} before, "
-                 f"{row[f'after_{key}']:.3f} after {row['steps']} step(s)")
-        return rows
+            if reply.params.size:
+                models[site] = reply
+            if reply.episodes:
+                rows.append(personal_row(reply))
+                echo(personal_line(rows[-1]))
+        return rows, models
+
+
+def personal_row(reply: SiteModelReply) -> dict[str, Any]:
+    """A site's row of the personalization report: the meta-model's scores as ``before_*`` /
+    ``after_*`` (as every run has recorded them) and its own model's as ``site_before_*`` /
+    ``site_after_*``."""
+    return {"site": reply.site, "round": reply.round, "episodes": reply.episodes,
+            "steps": reply.test_steps, "personalize_steps": reply.steps,
+            **dict(reply.global_scores),
+            **{f"site_{k}": v for k, v in reply.personal_scores.items()},
+            "seconds": reply.seconds}
+
+
+def personal_line(row: Mapping[str, Any]) -> str:
+    key = "accuracy" if "after_accuracy" in row else "mse"
+    line = (f"  {row['site']}: held-out {key} {row[f'before_{key}']:.3f} before, "
+            f"{row[f'after_{key}']:.3f} after {row['steps']} step(s)")
+    if f"site_after_{key}" in row:
+        line += f"; site model {row[f'site_after_{key}']:.3f} after {row['steps']}"
+    return line

@@ -144,6 +144,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_site_onboard(args: argparse.Namespace) -> int:
+    """Onboard a site that joins after training (experiments.onboard), then serve its model
+    until interrupted (or stop after the first answer, ``--exit-after-first``)."""
+    import signal
+    import time
+
+    from experiments.onboard import onboard
+    from serve.launch import StartError
+
+    started = time.monotonic()
+    out = _console()
+    try:
+        done = onboard(args.run_dir, args.site, args.store, shard=args.shard, steps=args.steps,
+                       episodes=args.episodes, port=args.port, host=args.host,
+                       address=args.address,
+                       ingress=None if args.ingress == "auto" else args.ingress,
+                       echo=out.echo, started=started)
+    except (StartError, ValueError) as err:
+        print(f"edgemeta site onboard: error: {err}", file=sys.stderr)
+        return 2
+    print(f"onboarded {done.model_id}: first answer {done.first_answer_s:.2f} s after the "
+          f"command started (model written at {done.model_s:.2f} s)", flush=True)
+    stop = args.exit_after_first
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        done.served.stop()
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from experiments.config import resolve_config
     from experiments.search import tune_config_file
@@ -338,9 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", default=None,
                    help="require this bearer token (default: EDGEMETA_SERVE_TOKEN, else none)")
-    p.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
-                   help="HTTP ingress: HAProxy where available (auto), or Serve's own proxy")
-    p.add_argument("--site", default=None, help="pin replicas to this edge site's node")
+    p.add_argument("--ingress", choices=["auto", "haproxy", "proxy", "direct"], default="auto",
+                   help="HTTP ingress: HAProxy where available (auto), Serve's own proxy, or "
+                        "direct (Serve's proxy on the head and each ingress replica's own "
+                        "server on its node; auto with --site on a loopback host)")
+    p.add_argument("--site", default=None,
+                   help="pin replicas to this edge site's node; the site's own way in (a server "
+                        "on its node) is printed")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--address", default=None, help="join a running Ray cluster")
     p.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode"], default="HeadOnly")
@@ -352,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapted-max-bytes", type=int, default=1 << 30,
                    help="bytes of adapted models kept per run folder (default 1 GiB)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("site", help="edge sites of a trained run")
+    site_sub = p.add_subparsers(dest="site_command", required=True)
+    o = site_sub.add_parser("onboard", parents=[loud],
+                            help="a site that joins after training: its store, its "
+                                 "personalized model (RUN@site-NAME), served at the site")
+    o.add_argument("run_dir", help="the federated run (a folder or a URI in run storage)")
+    o.add_argument("--site", required=True, help="the new site's name (lowercase, digits, -)")
+    o.add_argument("--store", required=True, help="the site's store (a folder on this node)")
+    o.add_argument("--shard", choices=["test"], default=None,
+                   help="make the store first from omniglot's meta-test split (classes no "
+                        "training site held); default: the store must exist")
+    o.add_argument("--steps", type=int, default=None,
+                   help="personalization meta-steps (default: the run's personalize_steps)")
+    o.add_argument("--episodes", type=int, default=None,
+                   help="held-out episodes scored (default: the run's personalize_episodes)")
+    o.add_argument("--host", default="127.0.0.1")
+    o.add_argument("--port", type=int, default=8000)
+    o.add_argument("--address", default=None,
+                   help="join this Ray cluster (the replica goes to the site's node); "
+                        "default: this machine is the site's node")
+    o.add_argument("--ingress", choices=["auto", "haproxy", "proxy", "direct"], default="auto")
+    o.add_argument("--exit-after-first", action="store_true",
+                   help="stop serving after the first answered request (benchmarks, tests)")
+    o.set_defaults(func=cmd_site_onboard)
 
     p = sub.add_parser("tune", parents=[loud],
                        help="hyper-parameter search with Ray Tune (ASHA early stopping)")

@@ -334,7 +334,17 @@ class FederatedConfig(Section):
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="share of each site's "
                                     "characters held out for the personalization report")
     personalize_episodes: int = Field(100, ge=0, description="held-out tasks per site for "
-                                      "the before/after adaptation report; 0 skips it")
+                                      "the before/after adaptation report; 0 skips it, and "
+                                      "the site models with it")
+    personalize_steps: int | None = Field(
+        None, ge=0, description="meta-steps each site takes from the meta-model on its own "
+                                "training tasks to make its model site-NAME (a personalized "
+                                "initialisation, adapted per request when served; a few steps "
+                                "move it toward the site's tasks without forgetting the rest); "
+                                "0: no site models; default 5, or 0 under privacy or secure "
+                                "aggregation (the model would leave the site un-noised)")
+    site_models_every: int = Field(0, ge=0, description="also make the site models every this "
+                                   "many rounds (sync mode; 0: at the end of training only)")
     address: str | None = Field(None, description="Ray address; default: an embedded cluster")
     stop_after_rounds: int | None = Field(
         None, ge=1, description="testing aid: checkpoint and stop after this round")
@@ -380,7 +390,29 @@ class FederatedConfig(Section):
         check_secure_aggregation(self, topology)
         check_compression(self)
         self._check_local_work()
+        self._check_site_models()
         return self
+
+    def _check_site_models(self) -> None:
+        """A site model is the site's parameters in clear: not under privacy or masking."""
+        guarded = ("federated.privacy" if self.privacy is not None else
+                   "federated.secure_aggregation" if self.secure_aggregation is not None
+                   else None)
+        if guarded and self.personalize_steps:
+            raise ValueError(
+                f"personalize_steps {self.personalize_steps} with {guarded}: a site model "
+                "is the site's own parameters, sent to the cloud un-noised and unmasked; set "
+                "federated.personalize_steps to 0")
+        if self.site_models_every and self.mode != "sync":
+            raise ValueError("site_models_every works with rounds (mode: sync); an "
+                             "asynchronous run makes its site models at the end")
+
+    @property
+    def site_model_steps(self) -> int:
+        """``personalize_steps`` resolved: 5 unless privacy or secure aggregation is on."""
+        if self.personalize_steps is not None:
+            return self.personalize_steps
+        return 0 if self.privacy is not None or self.secure_aggregation is not None else 5
 
     def _check_local_work(self) -> None:
         """A time budget sizes local work between 1 and ``local_steps`` steps; FedNova

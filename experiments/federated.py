@@ -63,7 +63,7 @@ import torch
 
 from actors.cloud import SitePlanError, check_resources, on_cloud, plan_partitions
 from actors.conditions import availability_schedule
-from actors.contract import UpdateKind
+from actors.contract import Personalize, UpdateKind
 from actors.federation import Federation, RoundOutcome, broadcast
 from cluster import ray_logs
 from cluster.connect import join_or_start, shutdown
@@ -104,6 +104,7 @@ from metalearn.data.errors import DataSetError
 from metalearn.from_config import algorithm_from_config
 from metalearn.outer import OuterOptimizer
 from metalearn.params import Params, num_bytes
+from metalearn.site_models import save_site_model
 from metalearn.storage import StorageError
 
 #: Exit status of a run stopped below quorum (2 is a configuration error, 128+N a signal).
@@ -180,8 +181,7 @@ def train_federated(cfg: ExperimentConfig, *, resume: bool = True, address: str 
         if loop.stopped_by:
             return loop.stopped_summary(cfg.name)
 
-        personal = cloud.federation.personalize(cloud.outer.params, fed.personalize_episodes,
-                                                echo)
+        personal = make_site_models(cfg, cloud, loop.step, per_site, echo)
         cloud.federation.release()  # the sites' work is done: free them before the meta-test
         echo(f"meta-testing on {cfg.eval.episodes} episodes of {cfg.data.test_tasks} ...")
         with (nullcontext() if progress is None
@@ -260,6 +260,9 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
                                             cloud.topology)
                 row.update({f"test_{k}": v for k, v in result.items() if isinstance(v, float)})
                 echo(f"  round {round_idx}: meta-test {headline(result)}")
+            if (fed.site_models_every and round_idx % fed.site_models_every == 0
+                    and round_idx < rounds):  # the last round's are made after the loop
+                make_site_models(cfg, cloud, round_idx, tasks_per_site(cfg, len(devices)), echo)
             log.append(row)
             if progress is not None:
                 progress.sites(outcome.sites)
@@ -281,6 +284,33 @@ def _train_rounds(cfg: ExperimentConfig, cloud: Cloud, log: RunLog, devices: Map
              f"{cloud.privacy.epsilon(rounds):.3f}; one more round would exceed the target "
              f"{cloud.privacy.dp.target_epsilon:g} at delta {cloud.privacy.dp.delta:g})")
     return loop
+
+
+def make_site_models(cfg: ExperimentConfig, cloud: Cloud, round_idx: int, per_site: int,
+                     echo: Printer) -> list[dict[str, Any]]:
+    """Each site's scores on its held-out tasks and its personalized model, made at the site
+    from the meta-parameters of ``round_idx`` (:meth:`actors.edge.EdgeNode.personalize`);
+    the models go to run storage as ``adapted/site-NAME.pt`` (served as ``RUN@site-NAME``).
+    Only parameters and scores cross: the driver never sees a site's data. Returns the
+    report's rows."""
+    fed = federated_section(cfg)
+    if fed.personalize_episodes <= 0:
+        return []
+    ask = Personalize(round=round_idx, episodes=fed.personalize_episodes,
+                      steps=fed.site_model_steps, lr=cfg.train.outer_lr,
+                      optimizer=cfg.train.outer_optimizer, tasks_per_step=per_site)
+    rows, models = cloud.federation.personalize(cloud.outer.params, ask, echo)
+    scores = {r["site"]: r for r in rows}
+    written = [save_site_model(cfg.run_dir, site, cloud.outer.layout.unpack(reply.params),
+                               {"round": reply.round, "steps": reply.steps,
+                                "lr": ask.lr, "optimizer": ask.optimizer,
+                                "scores": scores.get(site, {}),
+                                "train_metrics": dict(reply.train_metrics)})
+               for site, reply in sorted(models.items())]
+    if written:
+        echo(f"  site models (round {round_idx}, {ask.steps} step(s) each): "
+             + ", ".join(p.name for p in written))
+    return rows
 
 
 def _one_round(fed: FederatedConfig, cloud: Cloud, round_idx: int, devices: Mapping[str, int],

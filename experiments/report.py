@@ -88,11 +88,14 @@ def _personal_table(rows: list[dict[str, Any]]) -> list[list[str]] | None:
     if not rows:
         return None
     key = "accuracy" if "after_accuracy" in rows[0] else "mse"
-    table = [["site", f"before ({key})", f"after ({key})", "episodes", "steps"]]
+    site = all(f"site_after_{key}" in r for r in rows)
+    table = [["site", f"before ({key})", f"after ({key})",
+              *([f"site model, after ({key})"] if site else []), "episodes", "steps"]]
     for r in rows:
-        table.append([str(r["site"]), f"{r[f'before_{key}']:.3f} ± {r.get('before_ci95', 0):.3f}",
-                      f"{r[f'after_{key}']:.3f} ± {r.get('after_ci95', 0):.3f}",
-                      str(r.get("episodes", "")), str(r.get("steps", ""))])
+        cells = [f"{r[f'{p}_{key}']:.3f} ± {r.get(f'{p}_ci95', 0):.3f}"
+                 for p in ("before", "after", *(["site_after"] if site else []))]
+        table.append([str(r["site"]), *cells, str(r.get("episodes", "")),
+                      str(r.get("steps", ""))])
     return table
 
 
@@ -131,7 +134,9 @@ def _sections(summary: dict[str, Any], metrics: pd.DataFrame, sites: pd.DataFram
         out.append(Section("personalization", "Per-site accuracy before and after adaptation",
                            svg(charts.personalization(personal)),
                            "Each site's held-out tasks, before and after adapting the final "
-                           "meta-model." if personal else
+                           "meta-model, and after adapting the site's own model (the "
+                           "meta-model fine-tuned on the site's training tasks, served as "
+                           "RUN@site-NAME), on the same episodes." if personal else
                            "Not recorded (personalize_episodes is 0, or the run stopped early).",
                            _personal_table(personal)))
         out.append(Section("round-times", "Round time breakdown",

@@ -128,26 +128,31 @@ def meta_test(summary: Mapping[str, Any]) -> str | None:
 
 
 def personalization(rows: Sequence[Mapping[str, Any]]) -> str | None:
-    """Per site: held-out accuracy (or MSE) before and after adapting the meta-model."""
+    """Per site: held-out accuracy (or MSE) of the meta-model before and after adapting it,
+    and of the site's own model after adapting it (when the run made site models)."""
     rows = [r for r in rows if "error" not in r]
     if not rows:
         return None
     key = "accuracy" if "after_accuracy" in rows[0] else "mse"
+    series = [("before", "before", "#9db4d9", "meta-model, before adaptation"),
+              ("after", "after", "#3b6fb6", "meta-model, after adaptation")]
+    if all(f"site_after_{key}" in r for r in rows):
+        series.append(("site", "site_after", "#d9822b", "site model, after adaptation"))
     fig, ax = _figure(max(4.5, 1.1 * len(rows) + 2.5), 3.2)
     pos = np.arange(len(rows))
-    width = 0.38
-    for offset, when, color in ((-width / 2, "before", "#9db4d9"), (width / 2, "after", "#3b6fb6")):
-        values = [r[f"{when}_{key}"] for r in rows]
-        errs = [r.get(f"{when}_ci95", 0.0) for r in rows]
-        bars = ax.bar(pos + offset, values, width, yerr=errs, capsize=3, color=color,
-                      label=f"{when} adaptation")
+    width = 0.8 / len(series)
+    for j, (name, prefix, color, label) in enumerate(series):
+        values = [r[f"{prefix}_{key}"] for r in rows]
+        errs = [r.get(f"{prefix}_ci95", 0.0) for r in rows]
+        bars = ax.bar(pos + (j - (len(series) - 1) / 2) * width, values, width, yerr=errs,
+                      capsize=3, color=color, label=label)
         for i, patch in enumerate(bars.patches):
-            patch.set_gid(f"series-personalization-{when}-{i}")
+            patch.set_gid(f"series-personalization-{name}-{i}")
     ax.set_xticks(pos, [str(r["site"]) for r in rows])
-    top = max(max(r[f"after_{key}"], r[f"before_{key}"]) for r in rows)
-    ax.set_ylim(0, top * 1.3 if top > 0 else 1.0)
+    top = max(r[f"{prefix}_{key}"] for r in rows for _, prefix, _, _ in series)
+    ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
     ax.set_ylabel(f"held-out {key}")
-    ax.legend(loc="upper center", ncol=2)
+    ax.legend(loc="upper center", ncol=len(series), fontsize="small")
     return _svg(fig)
 
 

@@ -28,9 +28,10 @@ from metalearn.tasks import TaskBatch
 
 SampleTasks = Callable[[int], TaskBatch]
 
-# Stream tags: training rounds, the held-out personalization tasks, the device split and a
-# malicious site's own randomness (metalearn.attacks) never share a seed.
-_ROUND, _HOLDOUT, _DEVICES, _ATTACK, _COMPRESSION = 0, 1, 2, 3, 4
+# Stream tags: training rounds, the held-out personalization tasks, the device split, a
+# malicious site's own randomness (metalearn.attacks), compression and the tasks a site
+# personalizes its model on never share a seed.
+_ROUND, _HOLDOUT, _DEVICES, _ATTACK, _COMPRESSION, _PERSONAL = 0, 1, 2, 3, 4, 5
 
 
 def site_seed(seed: int, site: str, *extra: int) -> int:
@@ -244,6 +245,21 @@ class SiteTasks:
                                   if c > 0])
 
         return sample
+
+    def personal_sampler(self, version: int) -> SampleTasks:
+        """``sample(n)``: tasks of the site's whole training share (every device's classes, or
+        its amplitude range) for personalizing its model (:mod:`metalearn.site_models`), on a
+        stream of their own: ``version`` (the round the model is made at) seeds it, so a
+        model made again at the same round is the same model."""
+        from metalearn.from_config import sampler_from_config
+
+        seed = site_seed(self.seed, self.site, _PERSONAL, int(version))
+        if self.sinusoid:
+            sampler = sampler_from_config(self.data, seed=seed,
+                                          amplitude=tuple(self.plan["amplitude"]))
+        else:
+            sampler = self._episodes(np.asarray(self.plan["characters"], dtype=np.int64), seed)
+        return sampler.sample
 
     def holdout_sampler(self) -> Any:
         """A fixed-seed sampler of the site's held-out tasks (for personalization).

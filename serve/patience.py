@@ -48,20 +48,22 @@ def patient_env() -> dict[str, str]:
 
 
 def start_serve(http_options: Mapping[str, Any], proxy_location: str, echo: Printer,
-                attempts: int = 3) -> None:
+                attempts: int = 3, env_vars: Mapping[str, str] | None = None) -> None:
     """``serve.start`` that survives a proxy replaced while it started.
 
     ``serve.start`` waits on the proxies it created; when the controller replaces a slow one,
     that wait fails although Serve is still starting. Calling ``serve.start`` again connects to
     the running controller (which keeps restarting the proxy); :func:`wait_answering` then
-    waits for the ingress itself."""
+    waits for the ingress itself. ``env_vars`` (the ingress switches) join the timeouts in
+    the controller's runtime env, which its proxies inherit."""
     import ray
     from ray import serve
 
     for attempt in range(1, attempts + 1):
         try:
             serve.start(http_options=dict(http_options), proxy_location=proxy_location,
-                        controller_options={"runtime_env": {"env_vars": patient_env()}})
+                        controller_options={"runtime_env": {
+                            "env_vars": {**patient_env(), **dict(env_vars or {})}}})
             return
         except (ray.exceptions.ActorDiedError, TimeoutError) as err:
             if attempt == attempts:

@@ -10,8 +10,10 @@ Ids (``RUN`` is a run folder's name; the first run folder served is the default 
   It is resolved to ``RUN@STEP`` before any cache lookup, so a new checkpoint rolls out
   without a restart and a request never sees half of one (checkpoints are written atomically
   before the pointer moves). The pointer is stat-ed at most every ``poll_s`` seconds.
-* ``RUN@site-NAME`` / ``site-NAME`` — a per-site model the federated driver wrote to
-  ``adapted/site-NAME.pt``.
+* ``RUN@site-NAME`` / ``site-NAME`` — site NAME's personalized model
+  (:mod:`metalearn.site_models`: the meta-model fine-tuned on the site's own tasks), written
+  to ``adapted/site-NAME.pt`` by the federated driver at the end of training, or by
+  ``edgemeta site onboard`` for a site that joined later.
 * ``RUN@ad-HEX`` / ``ad-HEX`` — a model made by ``/v1/adapt``, stored in ``adapted/ad-HEX.pt``
   so that any replica can load it. ``HEX`` hashes the base parameters, the support set and the
   number of steps: the same request always names the same model, and a repeat costs no inner loop.
@@ -59,13 +61,14 @@ from metalearn.checkpoint import (
     read_torch,
 )
 from metalearn.params import Params
+from metalearn.site_models import SITE_MODELS_DIR, site_model_path
 from metalearn.storage import Location, PathLike, location
 from serve.adapted import ADAPTED_FORMAT, adapted_key, fingerprint, replace_atomically
 from serve.errors import UnknownModel
 from serve.quota import Entry, StoreQuota, Usage, evictions
 from serve.signature import ModelSignature
 
-ADAPTED_DIR = "adapted"
+ADAPTED_DIR = SITE_MODELS_DIR  # /v1/adapt's models beside the site models
 _RUN = r"[A-Za-z0-9_.-]{1,100}"
 _VERSION = r"latest|\d{1,12}|site-[a-z0-9][a-z0-9-]{0,40}|ad-[0-9a-f]{24}"
 _ID = re.compile(rf"^(?:(?P<run>{_RUN})@)?(?P<version>{_VERSION})$")
@@ -208,8 +211,9 @@ class RunStore:
         ``ad-HEX``): a name-to-path mapping that reads nothing from disk."""
         if key.isdigit():
             return ModelRef(self.name, "meta", key, checkpoint_path(self.run_dir, int(key)))
-        kind: Kind = "site" if key.startswith("site-") else "adapted"
-        return ModelRef(self.name, kind, key, self.adapted_dir / f"{key}.pt")
+        if key.startswith("site-"):
+            return ModelRef(self.name, "site", key, site_model_path(self.run_dir, key[5:]))
+        return ModelRef(self.name, "adapted", key, self.adapted_dir / f"{key}.pt")
 
     def resolve(self, version: str) -> ModelRef:
         """The model ``version`` names in this run now; :class:`UnknownModel` if there is none."""

@@ -259,6 +259,9 @@ def test_submitted_job_keeps_its_run_in_run_storage(cluster: ClusterInfo, tmp_pa
     assert summary["train_steps"] == 3 and summary["federated"]["sites"] == ["site-0", "site-1"]
     assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "job-run"
     assert (run / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert {p["site"] for p in summary["federated"]["personalization"]} == {"site-0", "site-1"}
+    assert (run / "adapted" / "site-site-0.pt").is_file()
+    assert (run / "adapted" / "site-site-1.pt").is_file()
     unpacked = list(Path(cluster.temp_root).glob("**/working_dir_files/*"))
     assert unpacked and not [p for p in unpacked if (p / "runs").exists()]  # nothing left there
 
@@ -266,6 +269,51 @@ def test_submitted_job_keeps_its_run_in_run_storage(cluster: ClusterInfo, tmp_pa
     refusal = client.get_job_logs(refused)
     assert "inside the Ray job's unpacked working dir" in refusal, refusal[-2000:]
     assert "Traceback" not in refusal
+
+
+def test_a_site_model_made_by_training_is_served_from_the_sites_node(
+        cluster: ClusterInfo) -> None:
+    """The job above made each site's personalized model at the site and wrote it to s3
+    (``adapted/site-NAME.pt``). Served with ``site: site-1``, the replica runs on site-1's
+    node, and the site reaches it through the replica's own server on that node (Serve's
+    direct ingress), not only through the head; both answer with the site model."""
+    import httpx
+    import torch
+
+    from serve.launch import start
+    from serve.store import ModelStore
+
+    uri = f"{CLUSTER_RUNS}/job-run"
+    here = ModelStore([uri], cache_size=2)
+    site_model, meta = here.get("job-run@site-site-1"), here.get("job-run@latest")
+    assert site_model.ref.kind == "site"
+    x = torch.linspace(-4, 4, 5).reshape(-1, 1)
+    want = site_model.algorithm.predict(site_model.params, x).reshape(-1)
+    assert not torch.allclose(want, meta.algorithm.predict(meta.params, x).reshape(-1))
+    connect(cluster.address, cluster.topo, state_dir=cluster.state_dir)
+    try:
+        # direct: Serve's proxy on the head, the replica's own server on the site's node
+        # (HAProxy's ingress is the serve API test's; here the head reaches the site's replica
+        # through Ray whatever the bind address, see serve.launch)
+        handle = start({"run_dirs": [uri], "site": "site-1"}, ingress="direct",
+                       port=first_free_port(8610, 8640))
+        try:
+            assert len(handle.site_urls) == 1 and handle.site_urls[0] != handle.url
+            with httpx.Client(timeout=60) as http:
+                answers = {where: http.post(f"{url}/v1/models/job-run@site-site-1/predict",
+                                            json={"inputs": x.tolist()})
+                           for where, url in (("site", handle.site_urls[0]),
+                                              ("head", handle.url))}
+        finally:
+            handle.stop()
+    finally:
+        shutdown()
+    site_node = cluster.nodes["site-1"].node_id
+    for where, answer in answers.items():
+        assert answer.status_code == 200, (where, answer.text)
+        assert answer.headers["x-edgemeta-node"] == site_node, where
+        assert answer.json()["resolved_model_id"] == "job-run@site-site-1"
+        assert answer.json()["values"] == pytest.approx(want.tolist(), abs=1e-5), where
 
 
 def test_a_killed_raylet_is_seen_dead_then_restart_site_brings_it_back(

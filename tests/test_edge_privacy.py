@@ -35,7 +35,7 @@ import ray
 import torch
 from helpers import embedded_cluster
 
-from actors.contract import RoundReply, RoundTimings, SiteInfo
+from actors.contract import Personalize, RoundReply, RoundTimings, SiteInfo, SiteModelReply
 from experiments.config import ExperimentConfig, parse_config
 from experiments.federated import train_federated
 from experiments.site_jobs import shard_spec, site_jobs, site_stores
@@ -48,7 +48,9 @@ from metalearn.sites import SiteTasks, plan_from_manifests
 SITES = 2
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 3
 SCALARS = (bool, int, float, str, type(None))
-CONTRACT_TYPES = (RoundReply, RoundTimings, SiteInfo, StoreManifest, StoreClass)
+CONTRACT_TYPES = (RoundReply, RoundTimings, SiteInfo, SiteModelReply, StoreManifest,
+                  StoreClass)
+ARRAYS = {"update", "params"}  # a round's update, a site model: the parameter count each
 NUMERIC_LISTS = {"device_ids": 10_000, "image_shape": 2, "amplitude": 2}
 
 
@@ -131,7 +133,7 @@ class LeakCheck:
         if isinstance(value, torch.Tensor):
             value = value.detach().numpy()
         if isinstance(value, np.ndarray):
-            assert name == "update" and value.dtype == np.float32 and \
+            assert name in ARRAYS and value.dtype == np.float32 and \
                 value.shape in ((self.numel,), (0,)), \
                 f"{path}: array {value.dtype}{list(value.shape)} where the contract has none"
             self.content(path, value)
@@ -201,7 +203,9 @@ def one_site(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     try:
         params = algorithm_from_config(cfg.to_dict()).init_params()
         reply = ray.get(edge.round.remote(FlatLayout.of(params).pack(params), 1, [0, 1]))
-        answers = {"round": reply, "personalize": ray.get(edge.personalize.remote(params, 2)),
+        ask = Personalize(round=2, episodes=2, steps=2, lr=1e-3, optimizer="adam",
+                          tasks_per_step=TASKS)
+        answers = {"round": reply, "personalize": ray.get(edge.personalize.remote(params, ask)),
                    "info": ray.get(edge.info.remote()),
                    "sampler_state": ray.get(edge.sampler_state.remote()),
                    "manifest": ray.get(edge.manifest.remote())}
@@ -233,6 +237,11 @@ def test_what_an_edge_returns_holds_to_the_contract_and_leaks_nothing(one_site) 
     assert manifest.sha256 == job.data_plan["store_sha256"]
     assert manifest.num_classes == len(job.data_plan["characters"]) + len(job.data_plan["holdout"])
     assert answers["info"].characters == len(job.data_plan["characters"])
+    site_model = answers["personalize"]
+    assert isinstance(site_model, SiteModelReply) and site_model.steps == 2
+    assert site_model.params.shape == (numel(cfg),) and site_model.params.dtype == np.float32
+    assert set(site_model.global_scores) == set(site_model.personal_scores) == {
+        "before_accuracy", "before_ci95", "after_accuracy", "after_ci95"}
     for name, value in answers.items():
         checker.check(value, name)
 
@@ -257,11 +266,13 @@ def test_the_checker_rejects_what_would_leak(one_site) -> None:
         "pixels as nested lists": (dataclasses.replace(
             reply, metrics={**reply.metrics, "x": (image / 255.0).tolist()}), contract),
         "raw uint8 pixels as a flat list": (
-            {**answers["personalize"], "x": image.ravel().tolist()}, contract),
+            {**dataclasses.asdict(answers["personalize"]), "x": image.ravel().tolist()},
+            contract),
         "an image inside the update": (dataclasses.replace(reply, update=planted), image_found),
         "labels inside the update": (dataclasses.replace(reply, update=labelled), labels_found),
         "a label vector shaped like a bias": (
-            {**answers["personalize"], "bias": labels[:bias_shape[0]]}, contract),
+            {**dataclasses.asdict(answers["personalize"]), "bias": labels[:bias_shape[0]]},
+            contract),
         "labels as device ids": (dataclasses.replace(
             reply, device_ids=tuple(int(v) for v in labels)), labels_found),
         "a tensor in the metrics": (dataclasses.replace(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from experiments.cli import main
@@ -47,7 +48,7 @@ def sinusoid_raw(tmp_path: Path, **federated: object) -> dict:
 @pytest.mark.slow
 def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "fed.yaml"
-    path.write_text(yaml.safe_dump(sinusoid_raw(tmp_path)))
+    path.write_text(yaml.safe_dump(sinusoid_raw(tmp_path, site_models_every=2)))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run([sys.executable, "-m", "experiments.federated", str(path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -86,6 +87,22 @@ def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
     assert fed["sites"] == ["site-0", "site-1"] and fed["skipped_rounds"] == 0
     assert {p["site"] for p in fed["personalization"]} == {"site-0", "site-1"}
     assert all("after_mse" in p for p in fed["personalization"])
+    # each site's personalized model, made at the site, written where serving finds it
+    from serve.store import ModelStore
+
+    store = ModelStore([run], cache_size=0)
+    for row in fed["personalization"]:
+        assert row["personalize_steps"] == 5 and row["round"] == 3
+        assert row["site_after_mse"] > 0 and row["site_before_mse"] > 0
+        model = store.get(f"fed-cli@site-{row['site']}")
+        meta = store.get("fed-cli@3")
+        moved = sum(float((model.params[k] - meta.params[k]).abs().sum()) for k in meta.params)
+        assert model.ref.kind == "site" and moved > 0
+        saved = torch.load(model.ref.path.path, weights_only=False)
+        assert saved["round"] == 3 and saved["scores"]["site_after_mse"] == row["site_after_mse"]
+    for made in (2, 3):  # every 2 rounds (federated.site_models_every), and at the end
+        assert f"site models (round {made}, 5 step(s) each): site-site-0.pt, site-site-1.pt" \
+            in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -101,6 +118,9 @@ def test_entry_point_runs_three_rounds_end_to_end(tmp_path: Path) -> None:
         ({"devices_per_round": 5}, "devices_per_round 5 exceeds the 3 devices"),
         ({"site_fraction": 0}, "federated.site_fraction"),
         ({"local_stpes": 2}, "federated.local_stpes: unknown key"),
+        ({"personalize_steps": 3, "secure_aggregation": {"clip": 1.0}},
+         "personalize_steps 3 with federated.secure_aggregation"),
+        ({"site_models_every": 2, "mode": "async"}, "site_models_every works with rounds"),
     ],
 )
 def test_bad_federated_values_name_the_problem(tmp_path: Path, federated: dict,

@@ -22,6 +22,7 @@ from helpers import train_tiny_run
 from cluster.topology import ACTOR_RESOURCE_REQUEST, SITE_RESOURCE_QUANTITY, site_resource
 from metalearn.checkpoint import load_checkpoint, save_checkpoint
 from metalearn.from_config import algorithm_from_config
+from metalearn.site_models import save_site_model
 from serve.client import EdgeMetaClient
 
 PORT = 8131
@@ -41,9 +42,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     out = tmp_path_factory.mktemp("runs")
     omni, sine = train_tiny_run(out, "omni", "omniglot"), train_tiny_run(out, "sine", "sinusoid")
-    (omni / "adapted").mkdir(exist_ok=True)
-    params = load_checkpoint(omni, 1)["params"]
-    torch.save({"params": params}, omni / "adapted" / f"site-{SITE}.pt")  # as the driver would
+    # A site model, written by the writer the federated driver and onboarding use (a federated
+    # run that makes one for real: tests/test_cluster_local.py, served from the site's node).
+    save_site_model(omni, SITE, load_checkpoint(omni, 1)["params"], {"round": 1, "steps": 0})
     # One embedded node that advertises the site's resource; the replica must ask for it.
     handle = start({"run_dirs": [str(omni), str(sine)], "site": SITE,
                     "max_models_per_replica": 3, "latest_poll_ms": 50},
