@@ -15,7 +15,10 @@ the MLflow run, a resumed run continues that MLflow run and sends what its check
 but the trackers missed, and TensorBoard hides the steps after it (``purge_step``). The MLflow
 run is made (and recorded) at the run's first row, long before a checkpoint; the points a run
 killed while sending got through are not sent again. Only a run killed while its MLflow run is
-being made leaves an empty run beside the one its resumption makes.
+being made leaves an empty run beside the one its resumption makes. MLflow's file store (the
+default) writes a file per metric and is not safe against a kill: a driver SIGKILLed while it
+wrote has left an empty metric file that MLflow then refuses to read (a one-line error here);
+a database or server store (``tracking.mlflow.uri``) has no such gap.
 """
 
 from __future__ import annotations
@@ -274,8 +277,14 @@ class Tracking:
         continued = False
         if self.mlflow is not None:
             same_store = state.get("mlflow_uri") == self.mlflow.uri
-            continued = self.mlflow.open(name, state.get("mlflow_run_id") if same_store
-                                         else None, self.run_dir)
+            try:
+                continued = self.mlflow.open(name, state.get("mlflow_run_id") if same_store
+                                             else None, self.run_dir)
+            except ValueError as err:  # MLflow's file store, half-written by a killed run
+                raise ConfigError(
+                    f"tracking.mlflow: the store {self.mlflow.uri!r} cannot be read ({err}); a "
+                    "run killed while MLflow wrote to its file store can leave it so: remove "
+                    "the broken run there, or use a database or server store") from None
             if not continued:
                 self.sent = 0  # a new MLflow run gets every row
         if continued and resumed_at is not None and resumed_at > self.sent:
