@@ -103,6 +103,11 @@ class RunLog(RowTable):
         if self.tracking is not None:
             self.tracking.resume(step)
 
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        if self.tracking is not None:
+            self.tracking.begin()
+
     def committed(self, step: int) -> None:
         """The checkpoint of ``step`` is written (after :meth:`flush`): the trackers get the
         rows it commits."""

@@ -12,8 +12,13 @@ meta-test's numbers as ``summary/...`` points at the last step.
 Rows go to the trackers after the checkpoint that commits them is written, so a tracker holds
 what a resumed run keeps: ``tracking.json`` in the run folder records the last step sent and
 the MLflow run, a resumed run continues that MLflow run and sends what its checkpoint committed
-but the trackers missed, and TensorBoard hides the steps after it (``purge_step``). Only a run
-killed while sending may leave one checkpoint's rows twice in MLflow.
+but the trackers missed, and TensorBoard hides the steps after it (``purge_step``). The MLflow
+run is made (and recorded) at the run's first row, long before a checkpoint; the points a run
+killed while sending got through are not sent again. Only a run killed while its MLflow run is
+being made leaves an empty run beside the one its resumption makes. MLflow's file store (the
+default) writes a file per metric and is not safe against a kill: a driver SIGKILLed while it
+wrote has left an empty metric file that MLflow then refuses to read (a one-line error here);
+a database or server store (``tracking.mlflow.uri``) has no such gap.
 """
 
 from __future__ import annotations
@@ -140,35 +145,37 @@ class MlflowTracker:
                 raise
             return str(found.experiment_id)
 
-    def open(self, name: str, config: Mapping[str, Any], run_id: str | None,
-             run_dir: Location) -> None:
-        """Continue ``run_id`` if the store still has it, else start a run with the config
-        as params; on a continued run, keys new or changed since go in as tags."""
-        from mlflow.entities import Param, RunTag
+    def open(self, name: str, run_id: str | None, run_dir: Location) -> bool:
+        """Continue ``run_id`` if the store still has it (True), else start a run (False)."""
         from mlflow.exceptions import MlflowException
+
+        if run_id:
+            try:
+                self.client.get_run(run_id)
+            except MlflowException:
+                run_id = None
+        if run_id:
+            self.run_id = str(run_id)
+            self.client.update_run(self.run_id, status="RUNNING")
+            return True
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"edgemeta.run_dir": str(run_dir)})
+        self.run_id = run.info.run_id
+        return False
+
+    def describe(self, config: Mapping[str, Any], continued: bool) -> None:
+        """The config as params and as ``config.yaml``; on a continued run, the keys new since
+        as params and those changed (MLflow keeps a param's first value) as tags."""
+        from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
         params = flat_params(config)
-        known: dict[str, str] | None = None
-        if run_id:
-            try:
-                known = self.client.get_run(run_id).data.params
-            except MlflowException:
-                known = None
-        if known is None:
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={"edgemeta.run_dir": str(run_dir)})
-            self.run_id = run.info.run_id
-            self.client.log_batch(self.run_id, params=[
-                Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()])
-        else:
-            self.run_id = str(run_id)
-            self.client.update_run(self.run_id, status="RUNNING")
-            fresh = [Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()
-                     if k not in known]
-            changed = [RunTag(f"resumed.{k}", v[:MAX_TAG_VAL_LENGTH])
-                       for k, v in params.items() if k in known and known[k] != v]
-            self.client.log_batch(self.run_id, params=fresh, tags=changed)
+        known = self.client.get_run(self.run_id).data.params if continued else {}
+        fresh = [Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()
+                 if k not in known]
+        changed = [RunTag(f"resumed.{k}", v[:MAX_TAG_VAL_LENGTH])
+                   for k, v in params.items() if k in known and known[k] != v]
+        self.client.log_batch(self.run_id, params=fresh, tags=changed)
         self.client.log_text(self.run_id, yaml.safe_dump(dict(config), sort_keys=False),
                              "config.yaml")
 
@@ -178,6 +185,12 @@ class MlflowTracker:
         stamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(name, value, stamp, step)
                                                     for name, value, step in points])
+
+    def already_logged(self, points: Sequence[Point]) -> set[tuple[str, int]]:
+        """Which ``(name, step)`` of ``points`` the run holds already (what a run killed
+        while sending them got through)."""
+        return {(metric.key, metric.step) for name in {name for name, _, _ in points}
+                for metric in self.client.get_metric_history(self.run_id, name)}
 
     def finish(self) -> None:
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -231,6 +244,7 @@ class Tracking:
         self.tensorboard = tensorboard
         self.sent = 0
         self.opened = False
+        self._unsure: tuple[int, int] | None = None  # steps MLflow may hold some points of
 
     @classmethod
     def start(cls, config: Mapping[str, Any], run_dir: Location) -> Tracking | None:
@@ -260,16 +274,27 @@ class Tracking:
         state = self._state() if resumed_at is not None else {}
         self.sent = min(int(state.get("sent_step", 0)), resumed_at or 0)
         name = str(self.config.get("name", self.run_dir.name))
+        continued = False
         if self.mlflow is not None:
             same_store = state.get("mlflow_uri") == self.mlflow.uri
-            self.mlflow.open(name, self.config, state.get("mlflow_run_id") if same_store
-                             else None, self.run_dir)
-            if not same_store:
+            try:
+                continued = self.mlflow.open(name, state.get("mlflow_run_id") if same_store
+                                             else None, self.run_dir)
+            except ValueError as err:  # MLflow's file store, half-written by a killed run
+                raise ConfigError(
+                    f"tracking.mlflow: the store {self.mlflow.uri!r} cannot be read ({err}); a "
+                    "run killed while MLflow wrote to its file store can leave it so: remove "
+                    "the broken run there, or use a database or server store") from None
+            if not continued:
                 self.sent = 0  # a new MLflow run gets every row
+        if continued and resumed_at is not None and resumed_at > self.sent:
+            self._unsure = (self.sent, resumed_at)
+        self.opened = True
+        self._save_state()  # at once: a run killed from here on continues this MLflow run
+        if self.mlflow is not None:
+            self.mlflow.describe(self.config, continued)
         if self.tensorboard is not None:
             self.tensorboard.open(name, self.config, self.sent)
-        self.opened = True
-        self._save_state()
 
     def _save_state(self) -> None:
         state: dict[str, Any] = {"sent_step": self.sent}
@@ -279,6 +304,12 @@ class Tracking:
 
     def _trackers(self) -> list[MlflowTracker | TensorBoardTracker]:
         return [t for t in (self.mlflow, self.tensorboard) if t is not None]
+
+    def begin(self) -> None:
+        """The run's first row of this session is here: a run that did not resume starts
+        afresh (opened now, long before the first checkpoint that a kill may follow)."""
+        if not self.opened:
+            self._open(None)
 
     def resume(self, step: int) -> None:
         """The run resumes after ``step``: continue the trackers' record from there."""
@@ -291,9 +322,16 @@ class Tracking:
             self._open(None)
         points = [p for rows, key, series in tables
                   for p in metric_points(rows, key, series, self.sent, step)]
-        if points:
-            for tracker in self._trackers():
-                tracker.log(points)
+        if points and self.tensorboard is not None:
+            self.tensorboard.log(points)
+        if self.mlflow is not None and self._unsure is not None:
+            # sent once by a run killed before it could record so: not again
+            low, high = self._unsure
+            held = self.mlflow.already_logged([p for p in points if low < p[2] <= high])
+            points = [p for p in points if (p[0], p[2]) not in held]
+            self._unsure = None
+        if points and self.mlflow is not None:
+            self.mlflow.log(points)
         self.sent = max(self.sent, step)
         self._save_state()
 

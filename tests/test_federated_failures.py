@@ -150,12 +150,12 @@ def resumable(tmp_path: Path, name: str) -> ExperimentConfig:
 
 
 @pytest.mark.slow
-def test_a_run_stopped_then_killed_ends_where_an_uninterrupted_run_ends(
+def test_a_killed_driver_resumes_to_where_an_uninterrupted_run_ends(
         cluster, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The same command, three times: stopped cleanly after round 2; resumed and SIGKILLed
-    (no handler runs, no last checkpoint; its site actors die with it) once it wrote its next
-    checkpoint; resumed again to the end. Its parameters, and its rows of every round and
-    site, are those of an uninterrupted run, bit for bit."""
+    """The driver is SIGKILLed (no handler runs, no last checkpoint; its site actors die with
+    it) once it wrote a checkpoint; the same command again resumes from that checkpoint and
+    ends with the parameters, and the rows of every round and site, of an uninterrupted run,
+    bit for bit."""
     from experiments.federated import main
 
     c, _ = cluster
@@ -164,13 +164,8 @@ def test_a_run_stopped_then_killed_ends_where_an_uninterrupted_run_ends(
 
     cfg = resumable(tmp_path / "interrupted", "run")
     config_file = tmp_path / "run.yaml"
-    # tracked in MLflow too (a local file store): rows the kill kept from it are sent later,
-    # and none twice
-    config_file.write_text(yaml.safe_dump({**cfg.to_dict(), "tracking": {"mlflow": {}}}))
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     command = [str(config_file), "--address", c.address]
-    assert main([*command, "--set", "federated.stop_after_rounds=2"]) == 0
-    assert load_checkpoint(cfg.run_dir)["step"] == 2
-
     driver_log = tmp_path / "killed.log"
     with driver_log.open("w") as out:
         driver = subprocess.Popen([sys.executable, "-m", "experiments.federated", *command],
@@ -178,20 +173,19 @@ def test_a_run_stopped_then_killed_ends_where_an_uninterrupted_run_ends(
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 240  # actor start-up is slow on a loaded machine
-        while latest_step(cfg.run_dir) == 2:
+        while latest_step(cfg.run_dir) is None:
             assert driver.poll() is None and time.monotonic() < deadline, driver_log.read_text()
             time.sleep(0.02)
     finally:
         driver.kill()
         driver.wait(timeout=60)
-    killed_at = latest_step(cfg.run_dir)
-    assert killed_at == 4, driver_log.read_text()  # not run to its end
-    assert load_checkpoint(cfg.run_dir)["step"] == 4  # readable: never half-written
+    assert latest_step(cfg.run_dir) == 2, driver_log.read_text()  # its first checkpoint
+    assert load_checkpoint(cfg.run_dir)["step"] == 2  # readable: never half-written
     assert not (cfg.run_dir / "summary.json").exists()
 
     capsys.readouterr()
     assert main(command) == 0
-    assert "from round 4" in capsys.readouterr().out
+    assert "from round 2" in capsys.readouterr().out
     a, b = load_checkpoint(whole.run_dir), load_checkpoint(cfg.run_dir)
     assert a["step"] == b["step"] == 6
     for k in a["params"]:
@@ -205,18 +199,6 @@ def test_a_run_stopped_then_killed_ends_where_an_uninterrupted_run_ends(
     assert sites_a["loss_after"].tolist() == sites_b["loss_after"].tolist()
     assert json.loads((whole.run_dir / "summary.json").read_text())["mse"] == json.loads(
         (cfg.run_dir / "summary.json").read_text())["mse"]
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=(tmp_path / "interrupted" / "mlruns").as_uri())
-    (tracked,) = client.search_runs([client.get_experiment_by_name("edgemeta").experiment_id])
-    history = client.get_metric_history(tracked.info.run_id, "loss_after")
-    assert sorted((m.step, m.value) for m in history) == list(
-        zip(rows_b["round"], rows_b["loss_after"], strict=True))
-    site0 = sites_b[sites_b["site"] == "site-0"]
-    history = client.get_metric_history(tracked.info.run_id, "site/site-0/compute_s")
-    assert sorted((m.step, m.value) for m in history) == list(
-        zip(site0["round"], site0["compute_s"], strict=True))
 
 
 @pytest.mark.slow
