@@ -1,5 +1,6 @@
 """Matching Networks, Siamese networks, CAVIA (on sinusoid; its conv net is checked
-centralized), support hallucination, MANN and VERSA trained by real edge actors on Ray.
+centralized), MANN and VERSA trained by real edge actors on Ray (support hallucination
+trains ProtoNet's way: its round is checked centralized and served).
 
 What a site returns is parameter-shaped (the meta-gradient over its own tasks), so with one
 local step and every site taking part a federated round must equal one centralized step over the
@@ -40,10 +41,6 @@ CASES: dict[str, dict[str, Any]] = {
                        "algorithm": {"name": "cavia", "inner_lr": 1.0, "inner_steps": 1},
                        "model": {"name": "sinusoid_mlp", "hidden": 8, "context": 2},
                        "eval": {"episodes": 4, "batch": 4, "steps_list": [0, 1]}},
-    "hallucination": {"data": OMNIGLOT, "algorithm": {"name": "hallucination", "inner_steps": 0,
-                                                      "options": {"generated": 2}},
-                      "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
-                                "noise_dim": 3, "generator_units": 8}},
     "mann": {"data": OMNIGLOT, "algorithm": {"name": "mann", "inner_steps": 0},
              "model": {"name": "omniglot_conv", "channels": 4, "pooling": "max",
                        "controller_units": 6, "memory_slots": 5, "memory_width": 3}},
