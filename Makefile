@@ -22,7 +22,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 export MALLOC_TOP_PAD_ ?= 268435456
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-long lint bench clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,12 @@ test: $(STAMP)
 	scripts/ensure_chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not long"
+
+# The longest end-to-end checks (a SIGKILLed driver, a SIGKILLed site raylet, serving beside
+# busy cores, onboarding a site): CI runs them after `make test`.
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m long
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -149,7 +149,7 @@ def resumable(tmp_path: Path, name: str) -> ExperimentConfig:
                               "seed": 3})
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_driver_resumes_to_where_an_uninterrupted_run_ends(
         cluster, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The driver is SIGKILLed (no handler runs, no last checkpoint; its site actors die with
@@ -201,7 +201,7 @@ def test_a_killed_driver_resumes_to_where_an_uninterrupted_run_ends(
         (cfg.run_dir / "summary.json").read_text())["mse"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_site_raylet_fails_its_rounds_then_the_site_rejoins(cluster,
                                                                      tmp_path: Path) -> None:
     c, nodes = cluster

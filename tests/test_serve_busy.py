@@ -59,7 +59,7 @@ def _lines(stream: object, into: queue.Queue[str | None]) -> None:
     into.put(None)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_serve_starts_beside_busy_cores_and_answers(tmp_path: Path,
                                                     hogs: list[subprocess.Popen[bytes]]) -> None:
     run = train_tiny_run(tmp_path, "sine", "sinusoid")

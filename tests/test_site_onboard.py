@@ -20,7 +20,7 @@ from metalearn.data.store import load_store
 from metalearn.site_models import site_model_path
 from serve.store import ModelStore
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long
 
 
 def test_onboard_makes_serves_and_times_a_new_sites_model(tmp_path: Path,
