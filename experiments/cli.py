@@ -147,11 +147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_site_onboard(args: argparse.Namespace) -> int:
     """Onboard a site that joins after training (experiments.onboard), then serve its model
     until interrupted (or stop after the first answer, ``--exit-after-first``)."""
-    import signal
     import time
 
     from experiments.onboard import onboard
-    from serve.launch import StartError
+    from serve.launch import StartError, wait_for_stop_signal
 
     started = time.monotonic()
     out = _console()
@@ -166,19 +165,10 @@ def cmd_site_onboard(args: argparse.Namespace) -> int:
         return 2
     print(f"onboarded {done.model_id}: first answer {done.first_answer_s:.2f} s after the "
           f"command started (model written at {done.model_s:.2f} s)", flush=True)
-    stop = args.exit_after_first
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop:
-            time.sleep(0.2)
+        if not args.exit_after_first:
+            wait_for_stop_signal()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         done.served.stop()
     return 0
 

@@ -295,6 +295,24 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM, then put their handlers back (a serving command's main
+    loop). Both signals explicitly: a shell starts background jobs with SIGINT ignored."""
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 def _url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{shown}:{port}"
@@ -388,20 +406,9 @@ def run(run_dir: str | list[str], host: str = "127.0.0.1", port: int = 8000, *,
     if site:
         echo(f"site {site}: replica on the site's node; the site's own way in: "
              + (", ".join(served.site_urls) or "none (ingress proxy has no direct ingress)"))
-    stop = False
-
-    def on_signal(*_: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    # Both signals, explicitly: a shell starts background jobs with SIGINT ignored.
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop:
-            time.sleep(0.2)
+        wait_for_stop_signal()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         echo("edgemeta serve: shutting down")
         served.stop()
     return 0
